@@ -1,0 +1,77 @@
+// Per-channel batch-norm math shared by every backend.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+
+namespace bnext {
+
+// Count, mean and sum of squared deviations from the mean (M2) of a set of values.
+template <typename acc_t>
+struct Moments {
+  acc_t count = 0;
+  acc_t mean = 0;
+  acc_t m2 = 0;
+};
+
+// Chan, Golub and LeVeque's merge of the moments of two disjoint sets: exact in
+// exact arithmetic and free of the cancellation that E[x^2] - E[x]^2 suffers.
+template <typename acc_t>
+C10_HOST_DEVICE inline Moments<acc_t> merge(const Moments<acc_t>& a, const Moments<acc_t>& b) {
+  const acc_t count = a.count + b.count;
+  if (count == acc_t(0)) {
+    return a;
+  }
+  const acc_t b_share = b.count / count;
+  const acc_t delta = b.mean - a.mean;
+  return {count, a.mean + delta * b_share, a.m2 + b.m2 + delta * delta * a.count * b_share};
+}
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t inverse_std(acc_t biased_var, acc_t eps) {
+  return acc_t(1) / std::sqrt(biased_var + eps);
+}
+
+// The normalize pass is y = x * scale + shift, one multiply-add per element.
+template <typename acc_t>
+struct Affine {
+  acc_t scale;
+  acc_t shift;
+};
+
+template <typename acc_t>
+C10_HOST_DEVICE inline Affine<acc_t> normalize_affine(acc_t mean, acc_t invstd, acc_t weight, acc_t bias) {
+  const acc_t scale = weight * invstd;
+  return {scale, bias - mean * scale};
+}
+
+// Backward of y = (x - mean) * invstd * weight + bias for one channel of `count` values,
+// given sum_dy = sum(dy) and sum_dy_xmu = sum(dy * (x - mean)):
+// dx = dy * dy_scale + (x - mean) * xmu_scale + shift.
+template <typename acc_t>
+struct InputGradient {
+  acc_t dy_scale;
+  acc_t xmu_scale;
+  acc_t shift;
+};
+
+template <typename acc_t>
+C10_HOST_DEVICE inline InputGradient<acc_t> input_gradient(
+    acc_t invstd, acc_t weight, acc_t sum_dy, acc_t sum_dy_xmu, acc_t count, bool training) {
+  const acc_t dy_scale = weight * invstd;
+  if (!training) {
+    // Running statistics are constants: dx is dy scaled.
+    return {dy_scale, acc_t(0), acc_t(0)};
+  }
+  // Batch statistics depend on x: remove the gradient's projection on the mean and on x - mean.
+  return {dy_scale, -dy_scale * invstd * invstd * sum_dy_xmu / count, -dy_scale * sum_dy / count};
+}
+
+// Exponential (or cumulative, with factor 1/num_batches_tracked) running average of one channel.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t running_average(acc_t running, acc_t batch, acc_t factor) {
+  return (acc_t(1) - factor) * running + factor * batch;
+}
+
+}  // namespace bnext

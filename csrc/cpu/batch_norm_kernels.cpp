@@ -1,0 +1,584 @@
+// CPU kernels of the torch.ops.bnext operators, parallel with at::parallel_for (OpenMP).
+//
+// Two memory layouts, each with its own loops and no conversion copy:
+//   planar: contiguous (N, C, *): each (n, c) is one run of `inner` values (NCHW, NCL, NCDHW);
+//   rows:   channel fastest, (rows, C) in memory: channels_last, channels_last_3d, (N, C), and a
+//           (N, C, L) view of an (N, L, C) tensor.
+// Any other strided input is made contiguous first.
+//
+// Reductions use a partition fixed by the shape alone and merge in a fixed order, so results do not
+// depend on the number of threads.
+#include "../batch_norm_checks.h"
+#include "../batch_norm_math.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace bnext::cpu {
+namespace {
+
+using at::Tensor;
+
+// Independent accumulators per sum: the compiler vectorizes across them without reassociating.
+constexpr int64_t kLanes = 16;
+// Values of one channel whose moments are taken in two passes from L1 before a Chan merge.
+constexpr int64_t kChunk = 4096;
+// Values (rows x channels) of one channels-last block, re-read from L2 by its second pass.
+constexpr int64_t kBlockValues = 65536;
+// Values below which a parallel loop is not worth splitting (torch's own grain size).
+constexpr int64_t kGrainValues = 32768;
+// Channels-last rows are split into at most this many parts, each reduced by one task.
+constexpr int64_t kMaxParts = 64;
+
+struct Layout {
+  bool rows;
+  int64_t channels;
+  int64_t batch;     // planar: N
+  int64_t inner;     // planar: values per (n, c)
+  int64_t num_rows;  // rows: values per channel
+};
+
+bool is_rows_layout(const Tensor& t) {
+  return t.movedim(1, -1).is_contiguous();
+}
+
+// The tensor a kernel reads (input itself unless it is neither layout) and its layout.
+std::pair<Tensor, Layout> kernel_view(const Tensor& input) {
+  const Tensor x = is_rows_layout(input) || input.is_contiguous() ? input : input.contiguous();
+  const int64_t channels = num_channels(x);
+  const int64_t per_channel = values_per_channel(x);
+  const bool rows = is_rows_layout(x);
+  const int64_t batch = x.size(0);
+  return {x, Layout{rows, channels, batch, batch == 0 ? 0 : per_channel / batch, per_channel}};
+}
+
+// Same layout as `reference` (its strides), for a tensor such as grad_output that may differ.
+Tensor as_layout(const Tensor& t, const Layout& layout) {
+  if (layout.rows) {
+    return is_rows_layout(t) ? t : t.movedim(1, -1).contiguous().movedim(-1, 1);
+  }
+  return t.contiguous();
+}
+
+// Per-channel values as a contiguous float64 tensor; `fill` where the tensor is absent.
+Tensor channel_values(const std::optional<Tensor>& t, int64_t channels, double fill) {
+  if (t.has_value() && t->defined()) {
+    return t->reshape({channels}).to(at::kDouble).contiguous();
+  }
+  return at::empty({channels}, at::TensorOptions().dtype(at::kDouble)).fill_(fill);
+}
+
+template <typename opmath_t>
+opmath_t sum_lanes(const opmath_t* lanes) {
+  opmath_t total = 0;
+  for (int64_t j = 0; j < kLanes; ++j) {
+    total += lanes[j];
+  }
+  return total;
+}
+
+// Exact-as-two-pass moments of one run of at most kChunk values (the second pass reads L1).
+template <typename opmath_t, typename scalar_t>
+Moments<double> run_moments(const scalar_t* x, int64_t n) {
+  const int64_t vec_end = n - n % kLanes;
+  opmath_t lanes[kLanes] = {};
+  for (int64_t i = 0; i < vec_end; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      lanes[j] += static_cast<opmath_t>(x[i + j]);
+    }
+  }
+  opmath_t sum = sum_lanes(lanes);
+  for (int64_t i = vec_end; i < n; ++i) {
+    sum += static_cast<opmath_t>(x[i]);
+  }
+  const opmath_t mean = sum / static_cast<opmath_t>(n);
+  std::fill(lanes, lanes + kLanes, opmath_t(0));
+  for (int64_t i = 0; i < vec_end; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const opmath_t d = static_cast<opmath_t>(x[i + j]) - mean;
+      lanes[j] += d * d;
+    }
+  }
+  opmath_t m2 = sum_lanes(lanes);
+  for (int64_t i = vec_end; i < n; ++i) {
+    const opmath_t d = static_cast<opmath_t>(x[i]) - mean;
+    m2 += d * d;
+  }
+  return {static_cast<double>(n), static_cast<double>(mean), static_cast<double>(m2)};
+}
+
+// Moments of channel c of a planar tensor.
+template <typename opmath_t, typename scalar_t>
+Moments<double> planar_channel_moments(const scalar_t* x, const Layout& layout, int64_t c) {
+  Moments<double> moments;
+  for (int64_t n = 0; n < layout.batch; ++n) {
+    const scalar_t* run = x + (n * layout.channels + c) * layout.inner;
+    for (int64_t start = 0; start < layout.inner; start += kChunk) {
+      moments = merge(moments, run_moments<opmath_t>(run + start, std::min(kChunk, layout.inner - start)));
+    }
+  }
+  return moments;
+}
+
+// sum(dy) and sum(dy * (x - mean)) of channel c of a planar tensor.
+template <typename opmath_t, typename scalar_t>
+std::pair<double, double> planar_channel_grad_sums(const scalar_t* dy, const scalar_t* x, const Layout& layout,
+                                                   int64_t c, opmath_t mean) {
+  double sum_dy = 0;
+  double sum_dy_xmu = 0;
+  for (int64_t n = 0; n < layout.batch; ++n) {
+    const int64_t offset = (n * layout.channels + c) * layout.inner;
+    for (int64_t start = 0; start < layout.inner; start += kChunk) {
+      const scalar_t* dy_run = dy + offset + start;
+      const scalar_t* x_run = x + offset + start;
+      const int64_t len = std::min(kChunk, layout.inner - start);
+      const int64_t vec_end = len - len % kLanes;
+      opmath_t dy_lanes[kLanes] = {};
+      opmath_t dy_xmu_lanes[kLanes] = {};
+      for (int64_t i = 0; i < vec_end; i += kLanes) {
+        for (int64_t j = 0; j < kLanes; ++j) {
+          const opmath_t g = static_cast<opmath_t>(dy_run[i + j]);
+          dy_lanes[j] += g;
+          dy_xmu_lanes[j] += g * (static_cast<opmath_t>(x_run[i + j]) - mean);
+        }
+      }
+      opmath_t chunk_dy = sum_lanes(dy_lanes);
+      opmath_t chunk_dy_xmu = sum_lanes(dy_xmu_lanes);
+      for (int64_t i = vec_end; i < len; ++i) {
+        const opmath_t g = static_cast<opmath_t>(dy_run[i]);
+        chunk_dy += g;
+        chunk_dy_xmu += g * (static_cast<opmath_t>(x_run[i]) - mean);
+      }
+      sum_dy += chunk_dy;
+      sum_dy_xmu += chunk_dy_xmu;
+    }
+  }
+  return {sum_dy, sum_dy_xmu};
+}
+
+// y = x * scale + shift over n values.
+template <typename opmath_t, typename scalar_t>
+void scale_shift_run(const scalar_t* x, scalar_t* y, int64_t n, opmath_t scale, opmath_t shift) {
+  for (int64_t i = 0; i < n; ++i) {
+    y[i] = static_cast<scalar_t>(static_cast<opmath_t>(x[i]) * scale + shift);
+  }
+}
+
+// y = x * scale[c] + shift[c] over rows [row_begin, row_end) of a rows tensor.
+template <typename opmath_t, typename scalar_t>
+void scale_shift_rows(const scalar_t* x, scalar_t* y, int64_t channels, int64_t row_begin, int64_t row_end,
+                      const opmath_t* scale, const opmath_t* shift) {
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const scalar_t* x_row = x + r * channels;
+    scalar_t* y_row = y + r * channels;
+    for (int64_t c = 0; c < channels; ++c) {
+      y_row[c] = static_cast<scalar_t>(static_cast<opmath_t>(x_row[c]) * scale[c] + shift[c]);
+    }
+  }
+}
+
+// dx = dy * dy_scale + (x - mean) * xmu_scale + shift over n values.
+template <typename opmath_t, typename scalar_t>
+void input_grad_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, opmath_t mean,
+                    const InputGradient<opmath_t>& g) {
+  for (int64_t i = 0; i < n; ++i) {
+    const opmath_t xmu = static_cast<opmath_t>(x[i]) - mean;
+    dx[i] = static_cast<scalar_t>(static_cast<opmath_t>(dy[i]) * g.dy_scale + (xmu * g.xmu_scale + g.shift));
+  }
+}
+
+// Parallel over planes (n, c), each normalized with its channel's scale and shift.
+template <typename opmath_t, typename scalar_t>
+void scale_shift_planar(const scalar_t* x, scalar_t* y, const Layout& layout, const opmath_t* scale,
+                        const opmath_t* shift) {
+  const int64_t planes = layout.batch * layout.channels;
+  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, layout.inner));
+  at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t c = p % layout.channels;
+      scale_shift_run(x + p * layout.inner, y + p * layout.inner, layout.inner, scale[c], shift[c]);
+    }
+  });
+}
+
+template <typename opmath_t, typename scalar_t>
+void scale_shift_all_rows(const scalar_t* x, scalar_t* y, const Layout& layout, const opmath_t* scale,
+                          const opmath_t* shift) {
+  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, layout.channels));
+  at::parallel_for(0, layout.num_rows, grain, [&](int64_t begin, int64_t end) {
+    scale_shift_rows(x, y, layout.channels, begin, end, scale, shift);
+  });
+}
+
+// Fixed partition of rows into blocks (each fits L2) and of blocks into parts (one task each).
+struct RowPartition {
+  int64_t block_rows;
+  int64_t num_blocks;
+  int64_t num_parts;
+
+  explicit RowPartition(const Layout& layout)
+      : block_rows(std::max<int64_t>(1, kBlockValues / std::max<int64_t>(1, layout.channels))),
+        num_blocks((layout.num_rows + block_rows - 1) / block_rows),
+        num_parts(std::min(num_blocks, kMaxParts)) {}
+
+  int64_t first_block(int64_t part) const { return part * num_blocks / num_parts; }
+  int64_t row_begin(int64_t block) const { return block * block_rows; }
+  int64_t row_end(int64_t block, int64_t num_rows) const { return std::min(num_rows, (block + 1) * block_rows); }
+};
+
+// Moments of every channel of a rows tensor: each part merges its blocks' two-pass moments,
+// then the parts are merged in order.
+template <typename opmath_t, typename scalar_t>
+std::vector<Moments<double>> rows_moments(const scalar_t* x, const Layout& layout) {
+  const int64_t channels = layout.channels;
+  const RowPartition partition(layout);
+  std::vector<Moments<double>> part_moments(partition.num_parts * channels);
+  at::parallel_for(0, partition.num_parts, 1, [&](int64_t part_begin, int64_t part_end) {
+    std::vector<opmath_t> block_mean(channels);
+    std::vector<opmath_t> block_m2(channels);
+    for (int64_t part = part_begin; part < part_end; ++part) {
+      Moments<double>* moments = part_moments.data() + part * channels;
+      for (int64_t block = partition.first_block(part); block < partition.first_block(part + 1); ++block) {
+        const int64_t r0 = partition.row_begin(block);
+        const int64_t r1 = partition.row_end(block, layout.num_rows);
+        std::fill(block_mean.begin(), block_mean.end(), opmath_t(0));
+        std::fill(block_m2.begin(), block_m2.end(), opmath_t(0));
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* row = x + r * channels;
+          for (int64_t c = 0; c < channels; ++c) {
+            block_mean[c] += static_cast<opmath_t>(row[c]);
+          }
+        }
+        const opmath_t inv_rows = opmath_t(1) / static_cast<opmath_t>(r1 - r0);
+        for (int64_t c = 0; c < channels; ++c) {
+          block_mean[c] *= inv_rows;
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* row = x + r * channels;
+          for (int64_t c = 0; c < channels; ++c) {
+            const opmath_t d = static_cast<opmath_t>(row[c]) - block_mean[c];
+            block_m2[c] += d * d;
+          }
+        }
+        const double block_count = static_cast<double>(r1 - r0);
+        for (int64_t c = 0; c < channels; ++c) {
+          moments[c] = merge(moments[c], Moments<double>{block_count, double(block_mean[c]), double(block_m2[c])});
+        }
+      }
+    }
+  });
+  std::vector<Moments<double>> total(channels);
+  for (int64_t part = 0; part < partition.num_parts; ++part) {
+    for (int64_t c = 0; c < channels; ++c) {
+      total[c] = merge(total[c], part_moments[part * channels + c]);
+    }
+  }
+  return total;
+}
+
+// sum(dy) and sum(dy * (x - mean)) of every channel of a rows tensor, by fixed parts.
+template <typename opmath_t, typename scalar_t>
+std::pair<std::vector<double>, std::vector<double>> rows_grad_sums(const scalar_t* dy, const scalar_t* x,
+                                                                   const Layout& layout, const opmath_t* mean) {
+  const int64_t channels = layout.channels;
+  const RowPartition partition(layout);
+  std::vector<double> part_dy(partition.num_parts * channels, 0.0);
+  std::vector<double> part_dy_xmu(partition.num_parts * channels, 0.0);
+  at::parallel_for(0, partition.num_parts, 1, [&](int64_t part_begin, int64_t part_end) {
+    std::vector<opmath_t> block_dy(channels);
+    std::vector<opmath_t> block_dy_xmu(channels);
+    for (int64_t part = part_begin; part < part_end; ++part) {
+      for (int64_t block = partition.first_block(part); block < partition.first_block(part + 1); ++block) {
+        std::fill(block_dy.begin(), block_dy.end(), opmath_t(0));
+        std::fill(block_dy_xmu.begin(), block_dy_xmu.end(), opmath_t(0));
+        for (int64_t r = partition.row_begin(block); r < partition.row_end(block, layout.num_rows); ++r) {
+          const scalar_t* dy_row = dy + r * channels;
+          const scalar_t* x_row = x + r * channels;
+          for (int64_t c = 0; c < channels; ++c) {
+            const opmath_t g = static_cast<opmath_t>(dy_row[c]);
+            block_dy[c] += g;
+            block_dy_xmu[c] += g * (static_cast<opmath_t>(x_row[c]) - mean[c]);
+          }
+        }
+        for (int64_t c = 0; c < channels; ++c) {
+          part_dy[part * channels + c] += block_dy[c];
+          part_dy_xmu[part * channels + c] += block_dy_xmu[c];
+        }
+      }
+    }
+  });
+  std::vector<double> sum_dy(channels, 0.0);
+  std::vector<double> sum_dy_xmu(channels, 0.0);
+  for (int64_t part = 0; part < partition.num_parts; ++part) {
+    for (int64_t c = 0; c < channels; ++c) {
+      sum_dy[c] += part_dy[part * channels + c];
+      sum_dy_xmu[c] += part_dy_xmu[part * channels + c];
+    }
+  }
+  return {std::move(sum_dy), std::move(sum_dy_xmu)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const std::optional<Tensor>& weight,
+                                                    const std::optional<Tensor>& bias, double eps) {
+  check_train_args(input, weight, bias, eps);
+  const auto [x, layout] = kernel_view(input);
+  const auto stats_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
+  Tensor output = at::empty_like(x);
+  Tensor save_mean = at::empty({layout.channels}, stats_options);
+  Tensor save_invstd = at::empty({layout.channels}, stats_options);
+  if (layout.num_rows == 0) {
+    save_mean.zero_();
+    save_invstd.zero_();
+    return {output, save_mean, save_invstd};
+  }
+  const Tensor weight_values = channel_values(weight, layout.channels, 1.0);
+  const Tensor bias_values = channel_values(bias, layout.channels, 0.0);
+  const double* w = weight_values.const_data_ptr<double>();
+  const double* b = bias_values.const_data_ptr<double>();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_train", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    scalar_t* y_data = output.mutable_data_ptr<scalar_t>();
+    opmath_t* mean_data = save_mean.mutable_data_ptr<opmath_t>();
+    opmath_t* invstd_data = save_invstd.mutable_data_ptr<opmath_t>();
+    if (!layout.rows) {
+      // Channel by channel: the normalize pass re-reads the channel while the statistics pass left it in cache.
+      at::parallel_for(0, layout.channels, 1, [&](int64_t c_begin, int64_t c_end) {
+        for (int64_t c = c_begin; c < c_end; ++c) {
+          const Moments<double> moments = planar_channel_moments<opmath_t>(x_data, layout, c);
+          const double invstd = inverse_std(moments.m2 / moments.count, eps);
+          mean_data[c] = static_cast<opmath_t>(moments.mean);
+          invstd_data[c] = static_cast<opmath_t>(invstd);
+          const Affine<double> affine = normalize_affine(moments.mean, invstd, w[c], b[c]);
+          for (int64_t n = 0; n < layout.batch; ++n) {
+            const int64_t offset = (n * layout.channels + c) * layout.inner;
+            scale_shift_run(x_data + offset, y_data + offset, layout.inner, static_cast<opmath_t>(affine.scale),
+                            static_cast<opmath_t>(affine.shift));
+          }
+        }
+      });
+      return;
+    }
+    const std::vector<Moments<double>> moments = rows_moments<opmath_t>(x_data, layout);
+    std::vector<opmath_t> scale(layout.channels);
+    std::vector<opmath_t> shift(layout.channels);
+    for (int64_t c = 0; c < layout.channels; ++c) {
+      const double invstd = inverse_std(moments[c].m2 / moments[c].count, eps);
+      mean_data[c] = static_cast<opmath_t>(moments[c].mean);
+      invstd_data[c] = static_cast<opmath_t>(invstd);
+      const Affine<double> affine = normalize_affine(moments[c].mean, invstd, w[c], b[c]);
+      scale[c] = static_cast<opmath_t>(affine.scale);
+      shift[c] = static_cast<opmath_t>(affine.shift);
+    }
+    scale_shift_all_rows(x_data, y_data, layout, scale.data(), shift.data());
+  });
+  return {output, save_mean, save_invstd};
+}
+
+Tensor batch_norm_eval(const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
+                       const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps) {
+  check_eval_args(input, running_mean, running_var, weight, bias, eps);
+  const auto [x, layout] = kernel_view(input);
+  Tensor output = at::empty_like(x);
+  if (x.numel() == 0) {
+    return output;
+  }
+  const Tensor mean_values = channel_values(running_mean, layout.channels, 0.0);
+  const Tensor var_values = channel_values(running_var, layout.channels, 1.0);
+  const Tensor weight_values = channel_values(weight, layout.channels, 1.0);
+  const Tensor bias_values = channel_values(bias, layout.channels, 0.0);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_eval", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    std::vector<opmath_t> scale(layout.channels);
+    std::vector<opmath_t> shift(layout.channels);
+    for (int64_t c = 0; c < layout.channels; ++c) {
+      const double invstd = inverse_std(var_values.const_data_ptr<double>()[c], eps);
+      const Affine<double> affine = normalize_affine(mean_values.const_data_ptr<double>()[c], invstd,
+                                                     weight_values.const_data_ptr<double>()[c],
+                                                     bias_values.const_data_ptr<double>()[c]);
+      scale[c] = static_cast<opmath_t>(affine.scale);
+      shift[c] = static_cast<opmath_t>(affine.shift);
+    }
+    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    scalar_t* y_data = output.mutable_data_ptr<scalar_t>();
+    if (layout.rows) {
+      scale_shift_all_rows(x_data, y_data, layout, scale.data(), shift.data());
+    } else {
+      scale_shift_planar(x_data, y_data, layout, scale.data(), shift.data());
+    }
+  });
+  return output;
+}
+
+// Writes per-channel float64 values into a new tensor of `dtype`.
+Tensor channel_tensor(const std::vector<double>& values, const at::TensorOptions& options) {
+  Tensor out = at::empty({static_cast<int64_t>(values.size())}, options.dtype(at::kDouble));
+  std::copy(values.begin(), values.end(), out.mutable_data_ptr<double>());
+  return out.to(options.dtype());
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output, const Tensor& input,
+                                                       const std::optional<Tensor>& weight, const Tensor& mean,
+                                                       const Tensor& invstd, bool training,
+                                                       std::array<bool, 3> output_mask) {
+  check_backward_args(grad_output, input, weight, mean, invstd);
+  const auto [x, layout] = kernel_view(input);
+  const Tensor dy = as_layout(grad_output, layout);
+  const bool has_weight = weight.has_value() && weight->defined();
+  const auto param_options = has_weight ? weight->options() : input.options();
+  const auto skipped = [&](const at::TensorOptions& options) { return at::empty({0}, options); };
+  Tensor grad_input = output_mask[0] ? at::empty_like(x) : skipped(input.options());
+  const bool need_sums = output_mask[1] || output_mask[2] || (training && output_mask[0]);
+
+  const int64_t channels = layout.channels;
+  std::vector<double> sum_dy(channels, 0.0);
+  std::vector<double> sum_dy_xmu(channels, 0.0);
+  const Tensor weight_values = channel_values(weight, channels, 1.0);
+  const Tensor mean_values = channel_values(mean, channels, 0.0);
+  const Tensor invstd_values = channel_values(invstd, channels, 1.0);
+  const double* w = weight_values.const_data_ptr<double>();
+  const double* mu = mean_values.const_data_ptr<double>();
+  const double* is = invstd_values.const_data_ptr<double>();
+
+  if (x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_backward", [&] {
+      using opmath_t = at::opmath_type<scalar_t>;
+      const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+      const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
+      scalar_t* dx_data = output_mask[0] ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
+      std::vector<opmath_t> mean_op(channels);
+      for (int64_t c = 0; c < channels; ++c) {
+        mean_op[c] = static_cast<opmath_t>(mu[c]);
+      }
+      const auto gradient = [&](int64_t c) {
+        const InputGradient<double> g =
+            input_gradient(is[c], w[c], sum_dy[c], sum_dy_xmu[c], static_cast<double>(layout.num_rows), training);
+        return InputGradient<opmath_t>{static_cast<opmath_t>(g.dy_scale), static_cast<opmath_t>(g.xmu_scale),
+                                       static_cast<opmath_t>(g.shift)};
+      };
+      if (!layout.rows) {
+        at::parallel_for(0, channels, 1, [&](int64_t c_begin, int64_t c_end) {
+          for (int64_t c = c_begin; c < c_end; ++c) {
+            if (need_sums) {
+              std::tie(sum_dy[c], sum_dy_xmu[c]) = planar_channel_grad_sums(dy_data, x_data, layout, c, mean_op[c]);
+            }
+            if (!output_mask[0]) {
+              continue;
+            }
+            const InputGradient<opmath_t> g = gradient(c);
+            for (int64_t n = 0; n < layout.batch; ++n) {
+              const int64_t offset = (n * channels + c) * layout.inner;
+              if (training) {
+                input_grad_run(dy_data + offset, x_data + offset, dx_data + offset, layout.inner, mean_op[c], g);
+              } else {
+                scale_shift_run(dy_data + offset, dx_data + offset, layout.inner, g.dy_scale, opmath_t(0));
+              }
+            }
+          }
+        });
+        return;
+      }
+      if (need_sums) {
+        std::tie(sum_dy, sum_dy_xmu) = rows_grad_sums(dy_data, x_data, layout, mean_op.data());
+      }
+      if (!output_mask[0]) {
+        return;
+      }
+      std::vector<opmath_t> dy_scale(channels);
+      std::vector<opmath_t> xmu_scale(channels);
+      std::vector<opmath_t> shift(channels);
+      for (int64_t c = 0; c < channels; ++c) {
+        const InputGradient<opmath_t> g = gradient(c);
+        dy_scale[c] = g.dy_scale;
+        xmu_scale[c] = g.xmu_scale;
+        shift[c] = g.shift;
+      }
+      const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, channels));
+      at::parallel_for(0, layout.num_rows, grain, [&](int64_t begin, int64_t end) {
+        if (!training) {
+          std::vector<opmath_t> zeros(channels, opmath_t(0));
+          scale_shift_rows(dy_data, dx_data, channels, begin, end, dy_scale.data(), zeros.data());
+          return;
+        }
+        for (int64_t r = begin; r < end; ++r) {
+          const scalar_t* dy_row = dy_data + r * channels;
+          const scalar_t* x_row = x_data + r * channels;
+          scalar_t* dx_row = dx_data + r * channels;
+          for (int64_t c = 0; c < channels; ++c) {
+            const opmath_t xmu = static_cast<opmath_t>(x_row[c]) - mean_op[c];
+            dx_row[c] = static_cast<scalar_t>(static_cast<opmath_t>(dy_row[c]) * dy_scale[c] +
+                                              (xmu * xmu_scale[c] + shift[c]));
+          }
+        }
+      });
+    });
+  }
+
+  Tensor grad_weight = skipped(param_options);
+  if (output_mask[1]) {
+    std::vector<double> values(channels);
+    for (int64_t c = 0; c < channels; ++c) {
+      values[c] = sum_dy_xmu[c] * is[c];
+    }
+    grad_weight = channel_tensor(values, param_options);
+  }
+  Tensor grad_bias = output_mask[2] ? channel_tensor(sum_dy, param_options) : skipped(param_options);
+  return {grad_input, grad_weight, grad_bias};
+}
+
+void update_running_stats(Tensor& running_mean, Tensor& running_var, const std::optional<Tensor>& num_batches_tracked,
+                          const Tensor& save_mean, const Tensor& save_invstd, double eps, int64_t count,
+                          std::optional<double> momentum) {
+  check_running_stats_args(running_mean, running_var, num_batches_tracked, save_mean, save_invstd, count, momentum);
+  double factor = momentum.value_or(0.0);
+  if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
+    int64_t& batches = *num_batches_tracked->mutable_data_ptr<int64_t>();
+    batches += 1;
+    if (!momentum.has_value()) {
+      factor = 1.0 / static_cast<double>(batches);
+    }
+  }
+  if (count == 0) {
+    return;  // an empty batch has no statistics; nn.BatchNorm leaves the running stats as they were
+  }
+  const int64_t channels = save_mean.numel();
+  const Tensor batch_mean = channel_values(save_mean, channels, 0.0);
+  const Tensor batch_invstd = channel_values(save_invstd, channels, 1.0);
+  Tensor new_mean = channel_values(running_mean, channels, 0.0).clone();
+  Tensor new_var = channel_values(running_var, channels, 1.0).clone();
+  double* mean_data = new_mean.mutable_data_ptr<double>();
+  double* var_data = new_var.mutable_data_ptr<double>();
+  const double unbiased = static_cast<double>(count) / static_cast<double>(count - 1);
+  for (int64_t c = 0; c < channels; ++c) {
+    const double invstd = batch_invstd.const_data_ptr<double>()[c];
+    // The biased variance behind invstd, in float64; never negative after rounding.
+    const double biased_var = std::max(0.0, 1.0 / (invstd * invstd) - eps);
+    mean_data[c] = running_average(mean_data[c], batch_mean.const_data_ptr<double>()[c], factor);
+    var_data[c] = running_average(var_data[c], biased_var * unbiased, factor);
+  }
+  running_mean.copy_(new_mean.reshape(running_mean.sizes()));
+  running_var.copy_(new_var.reshape(running_var.sizes()));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnext, CPU, m) {
+  m.impl("batch_norm_train", &batch_norm_train);
+  m.impl("batch_norm_eval", &batch_norm_eval);
+  m.impl("batch_norm_backward", &batch_norm_backward);
+  m.impl("update_running_stats", &update_running_stats);
+}
+
+}  // namespace bnext::cpu
