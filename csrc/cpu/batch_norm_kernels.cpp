@@ -6,11 +6,14 @@
 //           (N, C, L) view of an (N, L, C) tensor.
 // Any other strided input is made contiguous first.
 //
-// Reductions use a partition fixed by the shape alone and merge in a fixed order, so results do not
-// depend on the number of threads.
+// Sums accumulate in torch's CPU accumulation type (float64 for float32 and float64 input, float32
+// for float16 and bfloat16); the elementwise passes compute in the input's op-math type. Reductions
+// use a partition fixed by the shape alone and merge in a fixed order, so results do not depend on
+// the number of threads.
 #include "../batch_norm_checks.h"
 #include "../batch_norm_math.h"
 
+#include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -33,8 +36,10 @@ using at::Tensor;
 constexpr int64_t kLanes = 16;
 // Values of one channel whose moments are taken in two passes from L1 before a Chan merge.
 constexpr int64_t kChunk = 4096;
-// Values (rows x channels) of one channels-last block, re-read from L2 by its second pass.
+// Values (rows x channels) of one channels-last block, re-read from L2 by its second pass, and
+// its most rows, which bounds the length of each per-channel sum in the input's precision.
 constexpr int64_t kBlockValues = 65536;
+constexpr int64_t kBlockRows = 256;
 // Values below which a parallel loop is not worth splitting (torch's own grain size).
 constexpr int64_t kGrainValues = 32768;
 // Channels-last rows are split into at most this many parts, each reduced by one task.
@@ -78,9 +83,9 @@ Tensor channel_values(const std::optional<Tensor>& t, int64_t channels, double f
   return at::empty({channels}, at::TensorOptions().dtype(at::kDouble)).fill_(fill);
 }
 
-template <typename opmath_t>
-opmath_t sum_lanes(const opmath_t* lanes) {
-  opmath_t total = 0;
+template <typename acc_t>
+acc_t sum_lanes(const acc_t* lanes) {
+  acc_t total = 0;
   for (int64_t j = 0; j < kLanes; ++j) {
     total += lanes[j];
   }
@@ -88,52 +93,52 @@ opmath_t sum_lanes(const opmath_t* lanes) {
 }
 
 // Exact-as-two-pass moments of one run of at most kChunk values (the second pass reads L1).
-template <typename opmath_t, typename scalar_t>
+template <typename acc_t, typename scalar_t>
 Moments<double> run_moments(const scalar_t* x, int64_t n) {
   const int64_t vec_end = n - n % kLanes;
-  opmath_t lanes[kLanes] = {};
+  acc_t lanes[kLanes] = {};
   for (int64_t i = 0; i < vec_end; i += kLanes) {
     for (int64_t j = 0; j < kLanes; ++j) {
-      lanes[j] += static_cast<opmath_t>(x[i + j]);
+      lanes[j] += static_cast<acc_t>(x[i + j]);
     }
   }
-  opmath_t sum = sum_lanes(lanes);
+  acc_t sum = sum_lanes(lanes);
   for (int64_t i = vec_end; i < n; ++i) {
-    sum += static_cast<opmath_t>(x[i]);
+    sum += static_cast<acc_t>(x[i]);
   }
-  const opmath_t mean = sum / static_cast<opmath_t>(n);
-  std::fill(lanes, lanes + kLanes, opmath_t(0));
+  const acc_t mean = sum / static_cast<acc_t>(n);
+  std::fill(lanes, lanes + kLanes, acc_t(0));
   for (int64_t i = 0; i < vec_end; i += kLanes) {
     for (int64_t j = 0; j < kLanes; ++j) {
-      const opmath_t d = static_cast<opmath_t>(x[i + j]) - mean;
+      const acc_t d = static_cast<acc_t>(x[i + j]) - mean;
       lanes[j] += d * d;
     }
   }
-  opmath_t m2 = sum_lanes(lanes);
+  acc_t m2 = sum_lanes(lanes);
   for (int64_t i = vec_end; i < n; ++i) {
-    const opmath_t d = static_cast<opmath_t>(x[i]) - mean;
+    const acc_t d = static_cast<acc_t>(x[i]) - mean;
     m2 += d * d;
   }
   return {static_cast<double>(n), static_cast<double>(mean), static_cast<double>(m2)};
 }
 
 // Moments of channel c of a planar tensor.
-template <typename opmath_t, typename scalar_t>
+template <typename acc_t, typename scalar_t>
 Moments<double> planar_channel_moments(const scalar_t* x, const Layout& layout, int64_t c) {
   Moments<double> moments;
   for (int64_t n = 0; n < layout.batch; ++n) {
     const scalar_t* run = x + (n * layout.channels + c) * layout.inner;
     for (int64_t start = 0; start < layout.inner; start += kChunk) {
-      moments = merge(moments, run_moments<opmath_t>(run + start, std::min(kChunk, layout.inner - start)));
+      moments = merge(moments, run_moments<acc_t>(run + start, std::min(kChunk, layout.inner - start)));
     }
   }
   return moments;
 }
 
 // sum(dy) and sum(dy * (x - mean)) of channel c of a planar tensor.
-template <typename opmath_t, typename scalar_t>
+template <typename acc_t, typename scalar_t>
 std::pair<double, double> planar_channel_grad_sums(const scalar_t* dy, const scalar_t* x, const Layout& layout,
-                                                   int64_t c, opmath_t mean) {
+                                                   int64_t c, acc_t mean) {
   double sum_dy = 0;
   double sum_dy_xmu = 0;
   for (int64_t n = 0; n < layout.batch; ++n) {
@@ -143,21 +148,21 @@ std::pair<double, double> planar_channel_grad_sums(const scalar_t* dy, const sca
       const scalar_t* x_run = x + offset + start;
       const int64_t len = std::min(kChunk, layout.inner - start);
       const int64_t vec_end = len - len % kLanes;
-      opmath_t dy_lanes[kLanes] = {};
-      opmath_t dy_xmu_lanes[kLanes] = {};
+      acc_t dy_lanes[kLanes] = {};
+      acc_t dy_xmu_lanes[kLanes] = {};
       for (int64_t i = 0; i < vec_end; i += kLanes) {
         for (int64_t j = 0; j < kLanes; ++j) {
-          const opmath_t g = static_cast<opmath_t>(dy_run[i + j]);
+          const acc_t g = static_cast<acc_t>(dy_run[i + j]);
           dy_lanes[j] += g;
-          dy_xmu_lanes[j] += g * (static_cast<opmath_t>(x_run[i + j]) - mean);
+          dy_xmu_lanes[j] += g * (static_cast<acc_t>(x_run[i + j]) - mean);
         }
       }
-      opmath_t chunk_dy = sum_lanes(dy_lanes);
-      opmath_t chunk_dy_xmu = sum_lanes(dy_xmu_lanes);
+      acc_t chunk_dy = sum_lanes(dy_lanes);
+      acc_t chunk_dy_xmu = sum_lanes(dy_xmu_lanes);
       for (int64_t i = vec_end; i < len; ++i) {
-        const opmath_t g = static_cast<opmath_t>(dy_run[i]);
+        const acc_t g = static_cast<acc_t>(dy_run[i]);
         chunk_dy += g;
-        chunk_dy_xmu += g * (static_cast<opmath_t>(x_run[i]) - mean);
+        chunk_dy_xmu += g * (static_cast<acc_t>(x_run[i]) - mean);
       }
       sum_dy += chunk_dy;
       sum_dy_xmu += chunk_dy_xmu;
@@ -227,7 +232,7 @@ struct RowPartition {
   int64_t num_parts;
 
   explicit RowPartition(const Layout& layout)
-      : block_rows(std::max<int64_t>(1, kBlockValues / std::max<int64_t>(1, layout.channels))),
+      : block_rows(std::clamp<int64_t>(kBlockValues / std::max<int64_t>(1, layout.channels), 1, kBlockRows)),
         num_blocks((layout.num_rows + block_rows - 1) / block_rows),
         num_parts(std::min(num_blocks, kMaxParts)) {}
 
@@ -238,35 +243,35 @@ struct RowPartition {
 
 // Moments of every channel of a rows tensor: each part merges its blocks' two-pass moments,
 // then the parts are merged in order.
-template <typename opmath_t, typename scalar_t>
+template <typename acc_t, typename scalar_t>
 std::vector<Moments<double>> rows_moments(const scalar_t* x, const Layout& layout) {
   const int64_t channels = layout.channels;
   const RowPartition partition(layout);
   std::vector<Moments<double>> part_moments(partition.num_parts * channels);
   at::parallel_for(0, partition.num_parts, 1, [&](int64_t part_begin, int64_t part_end) {
-    std::vector<opmath_t> block_mean(channels);
-    std::vector<opmath_t> block_m2(channels);
+    std::vector<acc_t> block_mean(channels);
+    std::vector<acc_t> block_m2(channels);
     for (int64_t part = part_begin; part < part_end; ++part) {
       Moments<double>* moments = part_moments.data() + part * channels;
       for (int64_t block = partition.first_block(part); block < partition.first_block(part + 1); ++block) {
         const int64_t r0 = partition.row_begin(block);
         const int64_t r1 = partition.row_end(block, layout.num_rows);
-        std::fill(block_mean.begin(), block_mean.end(), opmath_t(0));
-        std::fill(block_m2.begin(), block_m2.end(), opmath_t(0));
+        std::fill(block_mean.begin(), block_mean.end(), acc_t(0));
+        std::fill(block_m2.begin(), block_m2.end(), acc_t(0));
         for (int64_t r = r0; r < r1; ++r) {
           const scalar_t* row = x + r * channels;
           for (int64_t c = 0; c < channels; ++c) {
-            block_mean[c] += static_cast<opmath_t>(row[c]);
+            block_mean[c] += static_cast<acc_t>(row[c]);
           }
         }
-        const opmath_t inv_rows = opmath_t(1) / static_cast<opmath_t>(r1 - r0);
+        const acc_t inv_rows = acc_t(1) / static_cast<acc_t>(r1 - r0);
         for (int64_t c = 0; c < channels; ++c) {
           block_mean[c] *= inv_rows;
         }
         for (int64_t r = r0; r < r1; ++r) {
           const scalar_t* row = x + r * channels;
           for (int64_t c = 0; c < channels; ++c) {
-            const opmath_t d = static_cast<opmath_t>(row[c]) - block_mean[c];
+            const acc_t d = static_cast<acc_t>(row[c]) - block_mean[c];
             block_m2[c] += d * d;
           }
         }
@@ -287,27 +292,27 @@ std::vector<Moments<double>> rows_moments(const scalar_t* x, const Layout& layou
 }
 
 // sum(dy) and sum(dy * (x - mean)) of every channel of a rows tensor, by fixed parts.
-template <typename opmath_t, typename scalar_t>
+template <typename acc_t, typename scalar_t>
 std::pair<std::vector<double>, std::vector<double>> rows_grad_sums(const scalar_t* dy, const scalar_t* x,
-                                                                   const Layout& layout, const opmath_t* mean) {
+                                                                   const Layout& layout, const acc_t* mean) {
   const int64_t channels = layout.channels;
   const RowPartition partition(layout);
   std::vector<double> part_dy(partition.num_parts * channels, 0.0);
   std::vector<double> part_dy_xmu(partition.num_parts * channels, 0.0);
   at::parallel_for(0, partition.num_parts, 1, [&](int64_t part_begin, int64_t part_end) {
-    std::vector<opmath_t> block_dy(channels);
-    std::vector<opmath_t> block_dy_xmu(channels);
+    std::vector<acc_t> block_dy(channels);
+    std::vector<acc_t> block_dy_xmu(channels);
     for (int64_t part = part_begin; part < part_end; ++part) {
       for (int64_t block = partition.first_block(part); block < partition.first_block(part + 1); ++block) {
-        std::fill(block_dy.begin(), block_dy.end(), opmath_t(0));
-        std::fill(block_dy_xmu.begin(), block_dy_xmu.end(), opmath_t(0));
+        std::fill(block_dy.begin(), block_dy.end(), acc_t(0));
+        std::fill(block_dy_xmu.begin(), block_dy_xmu.end(), acc_t(0));
         for (int64_t r = partition.row_begin(block); r < partition.row_end(block, layout.num_rows); ++r) {
           const scalar_t* dy_row = dy + r * channels;
           const scalar_t* x_row = x + r * channels;
           for (int64_t c = 0; c < channels; ++c) {
-            const opmath_t g = static_cast<opmath_t>(dy_row[c]);
+            const acc_t g = static_cast<acc_t>(dy_row[c]);
             block_dy[c] += g;
-            block_dy_xmu[c] += g * (static_cast<opmath_t>(x_row[c]) - mean[c]);
+            block_dy_xmu[c] += g * (static_cast<acc_t>(x_row[c]) - mean[c]);
           }
         }
         for (int64_t c = 0; c < channels; ++c) {
@@ -348,6 +353,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_train", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     scalar_t* y_data = output.mutable_data_ptr<scalar_t>();
     opmath_t* mean_data = save_mean.mutable_data_ptr<opmath_t>();
@@ -356,7 +362,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
       // Channel by channel: the normalize pass re-reads the channel while the statistics pass left it in cache.
       at::parallel_for(0, layout.channels, 1, [&](int64_t c_begin, int64_t c_end) {
         for (int64_t c = c_begin; c < c_end; ++c) {
-          const Moments<double> moments = planar_channel_moments<opmath_t>(x_data, layout, c);
+          const Moments<double> moments = planar_channel_moments<acc_t>(x_data, layout, c);
           const double invstd = inverse_std(moments.m2 / moments.count, eps);
           mean_data[c] = static_cast<opmath_t>(moments.mean);
           invstd_data[c] = static_cast<opmath_t>(invstd);
@@ -370,7 +376,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
       });
       return;
     }
-    const std::vector<Moments<double>> moments = rows_moments<opmath_t>(x_data, layout);
+    const std::vector<Moments<double>> moments = rows_moments<acc_t>(x_data, layout);
     std::vector<opmath_t> scale(layout.channels);
     std::vector<opmath_t> shift(layout.channels);
     for (int64_t c = 0; c < layout.channels; ++c) {
@@ -455,12 +461,15 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
   if (x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_backward", [&] {
       using opmath_t = at::opmath_type<scalar_t>;
+      using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
       const scalar_t* x_data = x.const_data_ptr<scalar_t>();
       const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
       scalar_t* dx_data = output_mask[0] ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
       std::vector<opmath_t> mean_op(channels);
+      std::vector<acc_t> mean_acc(channels);
       for (int64_t c = 0; c < channels; ++c) {
         mean_op[c] = static_cast<opmath_t>(mu[c]);
+        mean_acc[c] = static_cast<acc_t>(mu[c]);
       }
       const auto gradient = [&](int64_t c) {
         const InputGradient<double> g =
@@ -472,7 +481,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
         at::parallel_for(0, channels, 1, [&](int64_t c_begin, int64_t c_end) {
           for (int64_t c = c_begin; c < c_end; ++c) {
             if (need_sums) {
-              std::tie(sum_dy[c], sum_dy_xmu[c]) = planar_channel_grad_sums(dy_data, x_data, layout, c, mean_op[c]);
+              std::tie(sum_dy[c], sum_dy_xmu[c]) = planar_channel_grad_sums(dy_data, x_data, layout, c, mean_acc[c]);
             }
             if (!output_mask[0]) {
               continue;
@@ -491,7 +500,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
         return;
       }
       if (need_sums) {
-        std::tie(sum_dy, sum_dy_xmu) = rows_grad_sums(dy_data, x_data, layout, mean_op.data());
+        std::tie(sum_dy, sum_dy_xmu) = rows_grad_sums(dy_data, x_data, layout, mean_acc.data());
       }
       if (!output_mask[0]) {
         return;

@@ -1,0 +1,148 @@
+"""bnext modules against torch.nn.BatchNorm over consecutive steps: outputs, gradients, running stats."""
+import copy
+import itertools
+
+import pytest
+import torch
+
+from helpers import BNEXT_CLASSES, assert_close, make_input, module_pair
+
+SHAPES = {2: (8, 5), 3: (4, 5, 7), 4: (3, 5, 4, 6), 5: (2, 5, 3, 4, 3)}
+# (input dtype, parameter and running-stat dtype): reduced precision also in torch's mixed mode.
+DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.float16, torch.float32),
+]
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+AFFINE = [dict(affine=True), dict(affine=False), dict(affine=True, bias=False)]
+MOMENTA = [0.1, None, 1.0]
+
+
+def _cases():
+    for rank, layout in itertools.product(SHAPES, LAYOUTS):
+        if rank == 2 and layout == "channels_last":
+            continue  # a contiguous (N, C) input already has its channel fastest
+        yield rank, layout
+
+
+def _step(reference, candidate, x, dtype, msg):
+    x_ref = x.clone().requires_grad_()
+    x_new = x.clone().requires_grad_()
+    y_ref = reference(x_ref)
+    y_new = candidate(x_new)
+    assert y_new.dtype == y_ref.dtype and y_new.shape == y_ref.shape
+    if x.dim() == 3 and x.movedim(1, -1).is_contiguous():
+        # an (N, C, L) view of an (N, L, C) tensor keeps its layout (torch returns a contiguous copy)
+        assert y_new.stride() == x.stride(), f"{msg}: output layout"
+    elif x.is_contiguous() or x.movedim(1, -1).is_contiguous():
+        assert y_new.stride() == y_ref.stride(), f"{msg}: output layout"
+    assert_close(y_new, y_ref, dtype, msg=f"{msg} output")
+    grad = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+    y_ref.backward(grad)
+    y_new.backward(grad)
+    assert_close(x_new.grad, x_ref.grad, dtype, scale=2, msg=f"{msg} grad_input")
+    for name, p_ref in reference.named_parameters():
+        p_new = dict(candidate.named_parameters())[name]
+        assert p_new.grad.dtype == p_ref.grad.dtype
+        assert_close(p_new.grad, p_ref.grad, dtype, scale=4, msg=f"{msg} {name}.grad")
+    for name, b_ref in reference.named_buffers():
+        b_new = dict(candidate.named_buffers())[name]
+        assert b_new.dtype == b_ref.dtype
+        if name == "num_batches_tracked":
+            assert torch.equal(b_new, b_ref), f"{msg} num_batches_tracked"
+        else:
+            assert_close(b_new, b_ref, dtype, msg=f"{msg} {name}")
+    reference.zero_grad()
+    candidate.zero_grad()
+
+
+@pytest.mark.parametrize("momentum", MOMENTA)
+@pytest.mark.parametrize("track_running_stats", [True, False])
+@pytest.mark.parametrize("affine", AFFINE, ids=["affine", "no_affine", "no_bias"])
+@pytest.mark.parametrize("dtype,param_dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("rank,layout", list(_cases()))
+def test_steps_match_nn(rank, layout, dtype, param_dtype, affine, track_running_stats, momentum):
+    reference, candidate = module_pair(
+        rank, SHAPES[rank][1], param_dtype, momentum=momentum, track_running_stats=track_running_stats, **affine
+    )
+    # Three training steps, then eval; then training again after eval.
+    for step, training in enumerate([True, True, True, False, True]):
+        reference.train(training)
+        candidate.train(training)
+        x = make_input(SHAPES[rank], dtype, layout, seed=step) * (1 + step) + step
+        _step(reference, candidate, x, dtype, msg=f"step {step} ({'train' if training else 'eval'})")
+
+
+def _run_step(module, x, grad):
+    x = x.clone().requires_grad_()
+    y = module(x)
+    y.backward(grad)
+    results = {"output": y, "grad_input": x.grad}
+    results.update({f"{n}.grad": p.grad.clone() for n, p in module.named_parameters()})
+    results.update(dict(module.named_buffers()))
+    module.zero_grad()
+    return {name: t.detach().clone() for name, t in results.items()}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 3, 100, 100), (64, 3, 40, 40), (3, 2, 9000), (70000, 3), (40, 1100, 3)],
+    ids=["long_planes", "many_rows", "long_runs", "tall_2d", "wide_rows"],
+)
+def test_large_inputs_as_accurate_as_nn(shape, layout):
+    """Shapes that span several chunks, blocks and parts of the kernels' reductions: every result
+    is at least as close to float64 math as nn.BatchNorm's float32 result (within a factor 2)."""
+    if len(shape) == 2 and layout == "channels_last":
+        pytest.skip("a contiguous (N, C) input already has its channel fastest")
+    reference, candidate = module_pair(len(shape), shape[1], torch.float32)
+    exact = copy.deepcopy(reference).double()
+    for step, training in enumerate([True, True, False]):
+        for module in (reference, candidate, exact):
+            module.train(training)
+        x = make_input(shape, torch.float32, layout, seed=step) * 3 + 1
+        grad = torch.randn(shape, generator=torch.Generator().manual_seed(step))
+        torch_result = _run_step(reference, x, grad)
+        bnext_result = _run_step(candidate, x, grad)
+        exact_result = _run_step(exact, x.double(), grad.double())
+        for name, expected in exact_result.items():
+            if name == "num_batches_tracked":
+                assert torch.equal(bnext_result[name], expected)
+                continue
+            bnext_error = (bnext_result[name].double() - expected).abs().max().item()
+            torch_error = (torch_result[name].double() - expected).abs().max().item()
+            assert bnext_error <= 2 * torch_error + 1e-6, f"step {step} {name}: {bnext_error} vs torch {torch_error}"
+
+
+def test_modules_are_nn_subclasses_with_nn_constructor():
+    for rank, cls in BNEXT_CLASSES.items():
+        module = cls(4, eps=1e-3, momentum=None, affine=True, track_running_stats=True, bias=False)
+        assert isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+        assert module.bias is None and module.weight is not None and module.momentum is None
+        assert module.eps == 1e-3
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+def test_empty_batch_matches_nn(rank):
+    shape = (0, 4) + (3,) * (rank - 2)
+    reference, candidate = module_pair(rank, 4, torch.float32)
+    x = torch.randn(shape)
+    _step(reference, candidate, x, torch.float32, msg="train N=0")
+    reference.eval()
+    candidate.eval()
+    _step(reference, candidate, x, torch.float32, msg="eval N=0")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_nan_stays_in_its_channel(layout):
+    x = make_input((4, 3, 5, 5), torch.float32, layout)
+    x[1, 1, 2, 2] = float("nan")
+    reference, candidate = module_pair(4, 3, torch.float32)
+    y = candidate(x)
+    assert torch.isnan(y[:, 1]).all()
+    assert not torch.isnan(y[:, [0, 2]]).any()
+    torch.testing.assert_close(y[:, [0, 2]], reference(x)[:, [0, 2]])
