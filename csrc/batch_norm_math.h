@@ -33,17 +33,23 @@ C10_HOST_DEVICE inline acc_t inverse_std(acc_t biased_var, acc_t eps) {
   return acc_t(1) / std::sqrt(biased_var + eps);
 }
 
-// The normalize pass is y = x * scale + shift, one multiply-add per element.
-template <typename acc_t>
+// The normalize pass is y = (x - center) * scale + shift: one multiply-add per element around the
+// channel's mean, so that values equal to the mean map exactly to the bias.
+template <typename opmath_t>
 struct Affine {
-  acc_t scale;
-  acc_t shift;
+  opmath_t center;
+  opmath_t scale;
+  opmath_t shift;
 };
 
-template <typename acc_t>
-C10_HOST_DEVICE inline Affine<acc_t> normalize_affine(acc_t mean, acc_t invstd, acc_t weight, acc_t bias) {
+// Coefficients in the kernel's compute type from statistics in the accumulation type: the center is
+// the mean rounded to opmath_t, and the shift carries that rounding back, so no precision is lost.
+template <typename opmath_t, typename acc_t>
+C10_HOST_DEVICE inline Affine<opmath_t> normalize_affine(acc_t mean, acc_t invstd, acc_t weight, acc_t bias) {
+  const opmath_t center = static_cast<opmath_t>(mean);
   const acc_t scale = weight * invstd;
-  return {scale, bias - mean * scale};
+  const acc_t shift = bias - (mean - static_cast<acc_t>(center)) * scale;
+  return {center, static_cast<opmath_t>(scale), static_cast<opmath_t>(shift)};
 }
 
 // Backward of y = (x - mean) * invstd * weight + bias for one channel of `count` values,

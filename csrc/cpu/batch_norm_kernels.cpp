@@ -171,23 +171,42 @@ std::pair<double, double> planar_channel_grad_sums(const scalar_t* dy, const sca
   return {sum_dy, sum_dy_xmu};
 }
 
-// y = x * scale + shift over n values.
+// Per-channel normalize coefficients of a rows tensor, one array each so the channel loop vectorizes.
+template <typename opmath_t>
+struct ChannelAffines {
+  std::vector<opmath_t> center, scale, shift;
+
+  explicit ChannelAffines(int64_t channels) : center(channels), scale(channels), shift(channels) {}
+
+  void set(int64_t c, const Affine<opmath_t>& affine) {
+    center[c] = affine.center;
+    scale[c] = affine.scale;
+    shift[c] = affine.shift;
+  }
+
+  Affine<opmath_t> get(int64_t c) const { return {center[c], scale[c], shift[c]}; }
+};
+
+// y = (x - center) * scale + shift over n values.
 template <typename opmath_t, typename scalar_t>
-void scale_shift_run(const scalar_t* x, scalar_t* y, int64_t n, opmath_t scale, opmath_t shift) {
+void normalize_run(const scalar_t* x, scalar_t* y, int64_t n, const Affine<opmath_t>& affine) {
   for (int64_t i = 0; i < n; ++i) {
-    y[i] = static_cast<scalar_t>(static_cast<opmath_t>(x[i]) * scale + shift);
+    y[i] = static_cast<scalar_t>((static_cast<opmath_t>(x[i]) - affine.center) * affine.scale + affine.shift);
   }
 }
 
-// y = x * scale[c] + shift[c] over rows [row_begin, row_end) of a rows tensor.
+// The same over rows [row_begin, row_end) of a rows tensor, with each channel's coefficients.
 template <typename opmath_t, typename scalar_t>
-void scale_shift_rows(const scalar_t* x, scalar_t* y, int64_t channels, int64_t row_begin, int64_t row_end,
-                      const opmath_t* scale, const opmath_t* shift) {
+void normalize_rows(const scalar_t* x, scalar_t* y, int64_t channels, int64_t row_begin, int64_t row_end,
+                    const ChannelAffines<opmath_t>& affines) {
+  const opmath_t* center = affines.center.data();
+  const opmath_t* scale = affines.scale.data();
+  const opmath_t* shift = affines.shift.data();
   for (int64_t r = row_begin; r < row_end; ++r) {
     const scalar_t* x_row = x + r * channels;
     scalar_t* y_row = y + r * channels;
     for (int64_t c = 0; c < channels; ++c) {
-      y_row[c] = static_cast<scalar_t>(static_cast<opmath_t>(x_row[c]) * scale[c] + shift[c]);
+      y_row[c] = static_cast<scalar_t>((static_cast<opmath_t>(x_row[c]) - center[c]) * scale[c] + shift[c]);
     }
   }
 }
@@ -202,26 +221,23 @@ void input_grad_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t
   }
 }
 
-// Parallel over planes (n, c), each normalized with its channel's scale and shift.
+// Parallel over planes (n, c), each normalized with its channel's coefficients.
 template <typename opmath_t, typename scalar_t>
-void scale_shift_planar(const scalar_t* x, scalar_t* y, const Layout& layout, const opmath_t* scale,
-                        const opmath_t* shift) {
+void normalize_planar(const scalar_t* x, scalar_t* y, const Layout& layout, const ChannelAffines<opmath_t>& affines) {
   const int64_t planes = layout.batch * layout.channels;
   const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, layout.inner));
   at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      const int64_t c = p % layout.channels;
-      scale_shift_run(x + p * layout.inner, y + p * layout.inner, layout.inner, scale[c], shift[c]);
+      normalize_run(x + p * layout.inner, y + p * layout.inner, layout.inner, affines.get(p % layout.channels));
     }
   });
 }
 
 template <typename opmath_t, typename scalar_t>
-void scale_shift_all_rows(const scalar_t* x, scalar_t* y, const Layout& layout, const opmath_t* scale,
-                          const opmath_t* shift) {
+void normalize_all_rows(const scalar_t* x, scalar_t* y, const Layout& layout, const ChannelAffines<opmath_t>& affines) {
   const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, layout.channels));
   at::parallel_for(0, layout.num_rows, grain, [&](int64_t begin, int64_t end) {
-    scale_shift_rows(x, y, layout.channels, begin, end, scale, shift);
+    normalize_rows(x, y, layout.channels, begin, end, affines);
   });
 }
 
@@ -366,28 +382,24 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
           const double invstd = inverse_std(moments.m2 / moments.count, eps);
           mean_data[c] = static_cast<opmath_t>(moments.mean);
           invstd_data[c] = static_cast<opmath_t>(invstd);
-          const Affine<double> affine = normalize_affine(moments.mean, invstd, w[c], b[c]);
+          const Affine<opmath_t> affine = normalize_affine<opmath_t>(moments.mean, invstd, w[c], b[c]);
           for (int64_t n = 0; n < layout.batch; ++n) {
             const int64_t offset = (n * layout.channels + c) * layout.inner;
-            scale_shift_run(x_data + offset, y_data + offset, layout.inner, static_cast<opmath_t>(affine.scale),
-                            static_cast<opmath_t>(affine.shift));
+            normalize_run(x_data + offset, y_data + offset, layout.inner, affine);
           }
         }
       });
       return;
     }
     const std::vector<Moments<double>> moments = rows_moments<acc_t>(x_data, layout);
-    std::vector<opmath_t> scale(layout.channels);
-    std::vector<opmath_t> shift(layout.channels);
+    ChannelAffines<opmath_t> affines(layout.channels);
     for (int64_t c = 0; c < layout.channels; ++c) {
       const double invstd = inverse_std(moments[c].m2 / moments[c].count, eps);
       mean_data[c] = static_cast<opmath_t>(moments[c].mean);
       invstd_data[c] = static_cast<opmath_t>(invstd);
-      const Affine<double> affine = normalize_affine(moments[c].mean, invstd, w[c], b[c]);
-      scale[c] = static_cast<opmath_t>(affine.scale);
-      shift[c] = static_cast<opmath_t>(affine.shift);
+      affines.set(c, normalize_affine<opmath_t>(moments[c].mean, invstd, w[c], b[c]));
     }
-    scale_shift_all_rows(x_data, y_data, layout, scale.data(), shift.data());
+    normalize_all_rows(x_data, y_data, layout, affines);
   });
   return {output, save_mean, save_invstd};
 }
@@ -407,22 +419,19 @@ Tensor batch_norm_eval(const Tensor& input, const Tensor& running_mean, const Te
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_eval", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    std::vector<opmath_t> scale(layout.channels);
-    std::vector<opmath_t> shift(layout.channels);
+    ChannelAffines<opmath_t> affines(layout.channels);
     for (int64_t c = 0; c < layout.channels; ++c) {
       const double invstd = inverse_std(var_values.const_data_ptr<double>()[c], eps);
-      const Affine<double> affine = normalize_affine(mean_values.const_data_ptr<double>()[c], invstd,
-                                                     weight_values.const_data_ptr<double>()[c],
-                                                     bias_values.const_data_ptr<double>()[c]);
-      scale[c] = static_cast<opmath_t>(affine.scale);
-      shift[c] = static_cast<opmath_t>(affine.shift);
+      affines.set(c, normalize_affine<opmath_t>(mean_values.const_data_ptr<double>()[c], invstd,
+                                                weight_values.const_data_ptr<double>()[c],
+                                                bias_values.const_data_ptr<double>()[c]));
     }
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     scalar_t* y_data = output.mutable_data_ptr<scalar_t>();
     if (layout.rows) {
-      scale_shift_all_rows(x_data, y_data, layout, scale.data(), shift.data());
+      normalize_all_rows(x_data, y_data, layout, affines);
     } else {
-      scale_shift_planar(x_data, y_data, layout, scale.data(), shift.data());
+      normalize_planar(x_data, y_data, layout, affines);
     }
   });
   return output;
@@ -492,7 +501,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
               if (training) {
                 input_grad_run(dy_data + offset, x_data + offset, dx_data + offset, layout.inner, mean_op[c], g);
               } else {
-                scale_shift_run(dy_data + offset, dx_data + offset, layout.inner, g.dy_scale, opmath_t(0));
+                normalize_run(dy_data + offset, dx_data + offset, layout.inner, Affine<opmath_t>{0, g.dy_scale, 0});
               }
             }
           }
@@ -505,6 +514,17 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
       if (!output_mask[0]) {
         return;
       }
+      const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, channels));
+      if (!training) {
+        ChannelAffines<opmath_t> dy_affines(channels);
+        for (int64_t c = 0; c < channels; ++c) {
+          dy_affines.set(c, Affine<opmath_t>{0, gradient(c).dy_scale, 0});
+        }
+        at::parallel_for(0, layout.num_rows, grain, [&](int64_t begin, int64_t end) {
+          normalize_rows(dy_data, dx_data, channels, begin, end, dy_affines);
+        });
+        return;
+      }
       std::vector<opmath_t> dy_scale(channels);
       std::vector<opmath_t> xmu_scale(channels);
       std::vector<opmath_t> shift(channels);
@@ -514,13 +534,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
         xmu_scale[c] = g.xmu_scale;
         shift[c] = g.shift;
       }
-      const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, channels));
       at::parallel_for(0, layout.num_rows, grain, [&](int64_t begin, int64_t end) {
-        if (!training) {
-          std::vector<opmath_t> zeros(channels, opmath_t(0));
-          scale_shift_rows(dy_data, dx_data, channels, begin, end, dy_scale.data(), zeros.data());
-          return;
-        }
         for (int64_t r = begin; r < end; ++r) {
           const scalar_t* dy_row = dy_data + r * channels;
           const scalar_t* x_row = x_data + r * channels;

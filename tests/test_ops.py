@@ -1,0 +1,101 @@
+"""The torch.ops.bnext operators: opcheck, gradcheck and gradgradcheck in float64."""
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+import bnext  # noqa: F401  (registers torch.ops.bnext)
+from helpers import make_input
+
+ops = torch.ops.bnext
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+
+
+def _channel(values, dtype, requires_grad=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(values, generator=gen) + 0.5).to(dtype).requires_grad_(requires_grad)
+
+
+def _train_args(dtype, layout, requires_grad):
+    x = make_input((3, 4, 5, 2), dtype, layout).requires_grad_(requires_grad)
+    return x, _channel(4, dtype, requires_grad, 1), _channel(4, dtype, requires_grad, 2), 1e-5
+
+
+def _eval_args(dtype, layout, requires_grad):
+    x, weight, bias, eps = _train_args(dtype, layout, requires_grad)
+    return x, _channel(4, dtype, seed=3) - 1, _channel(4, dtype, seed=4), weight, bias, eps
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_forward_ops(dtype, layout, requires_grad):
+    torch.library.opcheck(ops.batch_norm_train.default, _train_args(dtype, layout, requires_grad))
+    torch.library.opcheck(ops.batch_norm_eval.default, _eval_args(dtype, layout, requires_grad))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_backward_op(dtype, layout, requires_grad, training):
+    x, weight, _, eps = _train_args(dtype, layout, requires_grad)
+    _, mean, invstd = ops.batch_norm_train(x.detach(), weight.detach(), None, eps)
+    grad_output = make_input(tuple(x.shape), dtype, layout, seed=9).requires_grad_(requires_grad)
+    for mask in ([True, True, True], [True, False, False], [False, True, True]):
+        torch.library.opcheck(
+            ops.batch_norm_backward.default, (grad_output, x, weight, mean, invstd, training, mask)
+        )
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_update_running_stats(dtype, momentum):
+    x, _, _, eps = _train_args(dtype, "contiguous", False)
+    _, mean, invstd = ops.batch_norm_train(x, None, None, eps)
+    args = (_channel(4, dtype), _channel(4, dtype), torch.tensor(3), mean, invstd, eps, 30, momentum)
+    torch.library.opcheck(ops.update_running_stats.default, args)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradcheck_and_gradgradcheck_train(layout, affine):
+    x, weight, bias, eps = _train_args(torch.float64, layout, True)
+    args = (x, weight, bias) if affine else (x, None, None)
+
+    def forward(*args):
+        return ops.batch_norm_train(*args, eps)[0]
+
+    assert gradcheck(forward, args)
+    assert gradgradcheck(forward, args)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradcheck_and_gradgradcheck_eval(layout, affine):
+    x, running_mean, running_var, weight, bias, eps = _eval_args(torch.float64, layout, True)
+    args = (x, weight, bias) if affine else (x, None, None)
+
+    def forward(*args):
+        return ops.batch_norm_eval(args[0], running_mean, running_var, *args[1:], eps)
+
+    assert gradcheck(forward, args)
+    assert gradgradcheck(forward, args)
+
+
+@pytest.mark.parametrize("rank", [2, 3, 5])
+def test_gradgradcheck_module_matches_nn_double_backward(rank):
+    """Second derivatives through the modules agree with nn.BatchNorm's."""
+    from helpers import module_pair
+
+    shape = (4, 3) + (3,) * (rank - 2)
+    reference, candidate = module_pair(rank, 3, torch.float64)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    results = []
+    for module in (reference, candidate):
+        y = module(x)
+        (grad_x,) = torch.autograd.grad((y * y.detach().sin()).sum(), x, create_graph=True)
+        inputs = [x, module.weight, module.bias]
+        grads = torch.autograd.grad(grad_x.pow(2).sum(), inputs, allow_unused=True)
+        results.append([torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)])
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected)
