@@ -1,0 +1,85 @@
+"""Numerical stability against float64 references, and results independent of the thread count."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bnext
+from helpers import make_input
+
+LAYOUTS = ["contiguous", "channels_last"]
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_constant_channel_normalizes_to_zero(layout, training):
+    x = make_input((4, 3, 5, 5), torch.float32, layout)
+    x[:, 0] = 1e4
+    running_mean = torch.full((3,), 1e4)
+    running_var = torch.zeros(3) if not training else torch.ones(3)
+    y = bnext.batch_norm(x, running_mean, running_var, training=training)
+    assert torch.equal(y[:, 0], torch.zeros_like(y[:, 0]))
+    if training:
+        assert running_mean[0].item() == 1e4
+        assert running_var[0].item() == pytest.approx(0.9, abs=1e-7)  # 0.9 * 1 + 0.1 * 0
+
+
+@pytest.mark.parametrize("layout", LAYOUTS + ["rank2", "rank3"])
+def test_large_mean_is_at_least_as_accurate_as_torch(layout):
+    """Data with mean 1e5 and std 1 in float32, against float64 math on the same float32 values.
+
+    Gradients of both are bound by the float32 saved mean (the op's contract), hence the 5% margin."""
+    shapes = {"rank2": (512, 4), "rank3": (8, 4, 300)}
+    shape = shapes.get(layout, (8, 4, 16, 16))
+    x = (make_input(shape, torch.float64, layout if layout in LAYOUTS else "contiguous") + 1e5).float()
+    grad = torch.randn(shape)
+    exact_mean = x.double().mean([0, *range(2, x.dim())])
+    results = {}
+    for name, fn in [("torch", F.batch_norm), ("bnext", bnext.batch_norm), ("exact", F.batch_norm)]:
+        dtype = torch.float64 if name == "exact" else torch.float32
+        x_in = x.to(dtype).clone().requires_grad_()
+        weight = torch.full((4,), 1.5, dtype=dtype, requires_grad=True)
+        running_mean, running_var = torch.zeros(4, dtype=dtype), torch.ones(4, dtype=dtype)
+        y = fn(x_in, running_mean, running_var, weight, None, True, 1.0, 1e-5)
+        y.backward(grad.to(dtype))
+        results[name] = [t.detach().double() for t in (y, x_in.grad, weight.grad, running_mean, running_var)]
+    torch.testing.assert_close(results["exact"][3], exact_mean)
+    for i, quantity in enumerate(["output", "grad_input", "grad_weight", "running_mean", "running_var"]):
+        bnext_error = (results["bnext"][i] - results["exact"][i]).abs().max().item()
+        torch_error = (results["torch"][i] - results["exact"][i]).abs().max().item()
+        assert bnext_error <= 1.05 * torch_error + 1e-6 * results["exact"][i].abs().max().item(), (
+            f"{quantity}: bnext error {bnext_error:.3e}, torch error {torch_error:.3e}"
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape,layout",
+    [
+        ((4, 3, 70, 70), "contiguous"),
+        ((16, 8, 30, 30), "channels_last"),
+        ((70000, 5), "contiguous"),
+        ((3, 2, 9000), "contiguous"),
+        ((4, 6, 5, 20, 20), "channels_last"),
+    ],
+)
+def test_results_do_not_depend_on_thread_count(shape, layout, dtype):
+    x = make_input(shape, dtype, layout) * 2 + 3
+    grad = make_input(shape, dtype, layout, seed=1)
+    weight = torch.rand(shape[1]) + 0.5
+    outputs = []
+    threads_before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            x_in = x.clone().requires_grad_()
+            w_in = weight.clone().requires_grad_()
+            running_mean, running_var = torch.zeros(shape[1]), torch.ones(shape[1])
+            y = bnext.batch_norm(x_in, running_mean, running_var, w_in, None, True)
+            y.backward(grad)
+            y_eval = bnext.batch_norm(x, running_mean, running_var, w_in, None, False)
+            outputs.append([y, x_in.grad, w_in.grad, running_mean, running_var, y_eval])
+    finally:
+        torch.set_num_threads(threads_before)
+    for other in outputs[1:]:
+        for got, expected in zip(other, outputs[0]):
+            assert torch.equal(got, expected)
