@@ -1,0 +1,611 @@
+"""Benchmark bnext.batch_norm against torch.nn.functional.batch_norm on CPU.
+
+    python -m bnext.bench [--quick] [--dtype float32,bfloat16] [--cases train_fwd,...]
+                          [--threads N] [--repeat N] [--json PATH] [--plot PATH]
+
+Every configuration (shape, layout, dtype) is first checked against torch: training forward
+output, running statistics, eval output and the input/weight/bias gradients. Any disagreement
+aborts with a non-zero exit before anything is timed. Then each case is timed with bnext, torch
+and a plain copy of the input (the memory-traffic floor) interleaved in one loop, so that clock
+or thermal drift hits all three alike; medians are reported.
+"""
+import argparse
+import ctypes
+import ctypes.util
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+import bnext
+
+RESNET50_SHAPES = [  # the batch-norm layers of ResNet-50 at batch 8
+    (8, 64, 112, 112),
+    (8, 64, 56, 56),
+    (8, 256, 56, 56),
+    (8, 128, 28, 28),
+    (8, 512, 28, 28),
+    (8, 256, 14, 14),
+    (8, 1024, 14, 14),
+    (8, 512, 7, 7),
+    (8, 2048, 7, 7),
+]
+BATCHNORM1D_SHAPES = [(4096, 256), (256, 1024), (32, 128, 1000)]
+BATCHNORM3D_SHAPES = [(2, 64, 16, 56, 56)]
+ALL_SHAPES = RESNET50_SHAPES + BATCHNORM1D_SHAPES + BATCHNORM3D_SHAPES
+# Large and small spatial extents, many channels, and an MLP shape.
+QUICK_SHAPES = [(8, 64, 56, 56), (8, 1024, 14, 14), (8, 2048, 7, 7), (4096, 256)]
+
+CASES = ("train_fwd", "eval_fwd", "train_bwd", "fwd_bwd")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# (rtol, atol); atol is scaled by the reference's magnitude, see `mismatch`.
+TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-2)}
+MEMORY_FORMATS = {
+    "contiguous": torch.contiguous_format,
+    "channels_last": torch.channels_last,
+    "channels_last_3d": torch.channels_last_3d,
+}
+# Fewest bytes each case must move, in units of |x| (the input's size in bytes): a forward reads
+# x and writes y, a backward reads x and dy and writes dx, and a copy reads x and writes y.
+TRAFFIC = {"train_fwd": 2, "eval_fwd": 2, "train_bwd": 3, "fwd_bwd": 5}
+COPY_TRAFFIC = 2
+IMPLEMENTATIONS = {"bnext": bnext.batch_norm, "torch": F.batch_norm}
+MOMENTUM = 0.1
+EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class Config:
+    shape: tuple
+    layout: str
+    dtype: torch.dtype
+
+    @property
+    def dtype_name(self):
+        return str(self.dtype).removeprefix("torch.")
+
+    def describe(self):
+        return f"{format_shape(self.shape)} {self.layout} {self.dtype_name}"
+
+
+@dataclass(frozen=True)
+class TimingPlan:
+    """How many repetitions to run: fixed, or enough to fill `budget_s` per case."""
+
+    warmup: int
+    budget_s: float
+    min_repeats: int
+    max_repeats: int
+    fixed_repeats: int | None = None
+
+    def repeats_for(self, seconds_per_repetition):
+        if self.fixed_repeats is not None:
+            return self.fixed_repeats
+        wanted = round(self.budget_s / max(seconds_per_repetition, 1e-9))
+        return min(max(wanted, self.min_repeats), self.max_repeats)
+
+
+@dataclass
+class Result:
+    shape: tuple
+    layout: str
+    dtype: str
+    case: str
+    repeats: int
+    torch_ms: float
+    bnext_ms: float
+    copy_ms: float
+    speedup: float  # torch time / bnext time
+    bnext_floor_multiple: float  # bnext time / floor, floor = (TRAFFIC / COPY_TRAFFIC) * T_copy
+    torch_floor_multiple: float
+    bnext_gbps: float  # TRAFFIC * |x| / bnext time
+
+
+def format_shape(shape):
+    return "x".join(map(str, shape))
+
+
+def layouts_for(shape):
+    channels_last = {4: ["channels_last"], 5: ["channels_last_3d"]}
+    return ["contiguous"] + channels_last.get(len(shape), [])
+
+
+def configurations(shapes, dtypes):
+    return [Config(shape, layout, dtype) for dtype in dtypes for shape in shapes for layout in layouts_for(shape)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def random_tensor(config):
+    """Normal data with a non-zero mean and non-unit spread, so that normalizing does real work."""
+    data = torch.randn(config.shape) * 2.0 + 0.5
+    return data.to(config.dtype).contiguous(memory_format=MEMORY_FORMATS[config.layout])
+
+
+def random_parameters(config, requires_grad):
+    """(weight, bias, running_mean, running_var) in the input's dtype, as after `module.to(dtype)`."""
+    channels = config.shape[1]
+    weight = torch.rand(channels) + 0.5
+    bias = torch.randn(channels)
+    running_mean = torch.randn(channels) * 0.1
+    running_var = torch.rand(channels) + 0.5
+    weight, bias, running_mean, running_var = (
+        t.to(config.dtype) for t in (weight, bias, running_mean, running_var)
+    )
+    return weight.requires_grad_(requires_grad), bias.requires_grad_(requires_grad), running_mean, running_var
+
+
+def clone_parameters(parameters):
+    """Independent copies: each implementation updates its own running stats and gradients."""
+    return tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in parameters)
+
+
+# ---------------------------------------------------------------------------------------------
+# Correctness
+
+
+def run_reference_step(batch_norm, x, grad_output, parameters):
+    """One training step and one eval forward; every tensor worth comparing, by name."""
+    weight, bias, running_mean, running_var = clone_parameters(parameters)
+    x = x.detach().clone().requires_grad_()
+    output = batch_norm(x, running_mean, running_var, weight, bias, True, MOMENTUM, EPS)
+    output.backward(grad_output)
+    with torch.no_grad():
+        eval_output = batch_norm(x, running_mean, running_var, weight, bias, False, MOMENTUM, EPS)
+    return {
+        "train output": output.detach(),
+        "grad_input": x.grad,
+        "grad_weight": weight.grad,
+        "grad_bias": bias.grad,
+        "running_mean": running_mean,
+        "running_var": running_var,
+        "eval output": eval_output,
+    }
+
+
+def mismatch(actual, expected, dtype):
+    """A description of how `actual` differs from `expected`, or None when they agree.
+
+    atol is scaled by the reference's largest magnitude: grad_weight and grad_bias are sums over
+    N*H*W values, so they grow with the batch and their rounding (which depends on summation
+    order) grows with them; a fixed atol would flag near-zero entries of a correct sum.
+    """
+    if actual is None or expected is None:
+        return None if actual is expected else "one implementation returned None"
+    if actual.shape != expected.shape or actual.dtype != expected.dtype:
+        return f"shape/dtype {tuple(actual.shape)} {actual.dtype} vs {tuple(expected.shape)} {expected.dtype}"
+    rtol, atol = TOLERANCES[dtype]
+    actual, expected = actual.float(), expected.float()
+    scaled_atol = atol * max(1.0, expected.abs().max().item())
+    if torch.allclose(actual, expected, rtol=rtol, atol=scaled_atol):
+        return None
+    error = (actual - expected).abs().max().item()
+    return f"max abs error {error:.3g} (rtol={rtol}, atol={scaled_atol:.3g})"
+
+
+def check_configuration(config):
+    """Mismatch descriptions for one configuration; empty when bnext agrees with torch."""
+    x = random_tensor(config)
+    grad_output = random_tensor(config)
+    parameters = random_parameters(config, requires_grad=True)
+    bnext_tensors = run_reference_step(IMPLEMENTATIONS["bnext"], x, grad_output, parameters)
+    torch_tensors = run_reference_step(IMPLEMENTATIONS["torch"], x, grad_output, parameters)
+    problems = []
+    for name, expected in torch_tensors.items():
+        problem = mismatch(bnext_tensors[name], expected, config.dtype)
+        if problem:
+            problems.append(f"{config.describe()}: {name}: {problem}")
+    return problems
+
+
+def check_all(configs):
+    """Check every configuration against torch; exit non-zero, listing mismatches, if any disagree."""
+    log(f"checking {len(configs)} configurations against torch.nn.functional.batch_norm ...")
+    problems = [problem for config in configs for problem in check_configuration(config)]
+    if problems:
+        print("bnext DISAGREES with torch; not timing:", *problems, sep="\n  ", file=sys.stderr)
+        sys.exit(1)
+    log(f"all {len(configs)} configurations agree with torch")
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def forward_timer(batch_norm, x, parameters, training):
+    """Forward only; nothing requires grad, so no graph is recorded: the kernel and call overhead."""
+    weight, bias, running_mean, running_var = parameters
+
+    def run():
+        start = time.perf_counter()
+        batch_norm(x, running_mean, running_var, weight, bias, training, MOMENTUM, EPS)
+        return time.perf_counter() - start
+
+    return run
+
+
+def backward_timer(batch_norm, x, grad_output, parameters, include_forward):
+    """Training backward through a graph built every repetition; the forward is timed only if asked."""
+    weight, bias, running_mean, running_var = parameters
+
+    def run():
+        weight.grad = bias.grad = None  # so backward assigns fresh gradients instead of accumulating
+        leaf = x.detach().requires_grad_()
+        start = time.perf_counter()
+        output = batch_norm(leaf, running_mean, running_var, weight, bias, True, MOMENTUM, EPS)
+        if not include_forward:
+            start = time.perf_counter()
+        output.backward(grad_output)
+        return time.perf_counter() - start
+
+    return run
+
+
+def copy_timer(x):
+    destination = torch.empty_like(x)  # same size and layout as x
+
+    def run():
+        start = time.perf_counter()
+        destination.copy_(x)
+        return time.perf_counter() - start
+
+    return run
+
+
+def make_timers(config, case):
+    """name -> function running one repetition and returning its duration in seconds."""
+    x = random_tensor(config)
+    grad_output = random_tensor(config)
+    needs_grad = case in ("train_bwd", "fwd_bwd")
+    parameters = random_parameters(config, requires_grad=needs_grad)
+    timers = {}
+    for name, batch_norm in IMPLEMENTATIONS.items():
+        own = clone_parameters(parameters)
+        if case in ("train_fwd", "eval_fwd"):
+            timers[name] = forward_timer(batch_norm, x, own, training=case == "train_fwd")
+        else:
+            timers[name] = backward_timer(batch_norm, x, grad_output, own, include_forward=case == "fwd_bwd")
+    timers["copy"] = copy_timer(x)
+    return timers
+
+
+def run_interleaved(timers, repetitions):
+    """Durations per timer; the order rotates every repetition so none is always first (or
+    always right after the copy that just pulled x into cache)."""
+    names = list(timers)
+    samples = {name: [] for name in names}
+    for repetition in range(repetitions):
+        shift = repetition % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(timers[name]())
+    return samples
+
+
+def time_case(config, case, plan):
+    """Median seconds of bnext, torch and the copy for one case, and the repetitions used."""
+    timers = make_timers(config, case)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a collection in the middle of a repetition would land on one timer only
+    try:
+        warmup = run_interleaved(timers, plan.warmup)
+        seconds_per_repetition = sum(statistics.median(samples) for samples in warmup.values())
+        repeats = plan.repeats_for(seconds_per_repetition)
+        samples = run_interleaved(timers, repeats)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {name: statistics.median(values) for name, values in samples.items()}, repeats
+
+
+def make_result(config, case, medians, repeats):
+    floor = TRAFFIC[case] / COPY_TRAFFIC * medians["copy"]
+    input_bytes = math.prod(config.shape) * config.dtype.itemsize
+    return Result(
+        shape=config.shape,
+        layout=config.layout,
+        dtype=config.dtype_name,
+        case=case,
+        repeats=repeats,
+        torch_ms=medians["torch"] * 1e3,
+        bnext_ms=medians["bnext"] * 1e3,
+        copy_ms=medians["copy"] * 1e3,
+        speedup=medians["torch"] / medians["bnext"],
+        bnext_floor_multiple=medians["bnext"] / floor,
+        torch_floor_multiple=medians["torch"] / floor,
+        bnext_gbps=TRAFFIC[case] * input_bytes / medians["bnext"] / 1e9,
+    )
+
+
+def benchmark(configs, cases, plan):
+    results = []
+    total = len(configs) * len(cases)
+    for config in configs:
+        for case in cases:
+            medians, repeats = time_case(config, case, plan)
+            result = make_result(config, case, medians, repeats)
+            results.append(result)
+            log(
+                f"[{len(results)}/{total}] {config.describe()} {case}: torch {result.torch_ms:.3f} ms, "
+                f"bnext {result.bnext_ms:.3f} ms, speedup {result.speedup:.2f}x ({repeats} reps)"
+            )
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+
+TABLE_HEADER = (
+    "speedup = torch ms / bnext ms. floor x = time / floor, floor = T_copy (fwd), 1.5 T_copy "
+    "(train_bwd), 2.5 T_copy (fwd_bwd), where T_copy is the median of y.copy_(x) (moves 2|x|).\n"
+    "GB/s = minimal bytes / bnext time, minimal bytes = 2|x| (fwd), 3|x| (train_bwd), 5|x| (fwd_bwd)."
+)
+COLUMNS = [  # (title, width, format of a Result)
+    ("shape", 16, lambda r: format_shape(r.shape)),
+    ("layout", 16, lambda r: r.layout),
+    ("dtype", 8, lambda r: r.dtype),
+    ("case", 9, lambda r: r.case),
+    ("torch ms", 9, lambda r: f"{r.torch_ms:.3f}"),
+    ("bnext ms", 9, lambda r: f"{r.bnext_ms:.3f}"),
+    ("copy ms", 8, lambda r: f"{r.copy_ms:.3f}"),
+    ("speedup", 7, lambda r: f"{r.speedup:.2f}"),
+    ("bnext floor x", 13, lambda r: f"{r.bnext_floor_multiple:.2f}"),
+    ("torch floor x", 13, lambda r: f"{r.torch_floor_multiple:.2f}"),
+    ("bnext GB/s", 10, lambda r: f"{r.bnext_gbps:.1f}"),
+]
+
+
+def format_row(cells):
+    return "  ".join(
+        cell.ljust(width) if index < 4 else cell.rjust(width)  # text left, numbers right
+        for index, (cell, (_, width, _)) in enumerate(zip(cells, COLUMNS))
+    )
+
+
+def geometric_mean(values):
+    return math.exp(statistics.fmean(math.log(v) for v in values))
+
+
+def summarize(results):
+    """Geometric-mean and minimum speedup per (dtype, case), in the order first seen."""
+    groups = {}
+    for result in results:
+        groups.setdefault((result.dtype, result.case), []).append(result)
+    rows = []
+    for (dtype, case), group in groups.items():
+        slowest = min(group, key=lambda r: r.speedup)
+        rows.append(
+            {
+                "dtype": dtype,
+                "case": case,
+                "geomean_speedup": geometric_mean(r.speedup for r in group),
+                "min_speedup": slowest.speedup,
+                "min_speedup_at": describe_result(slowest),
+                "count": len(group),
+            }
+        )
+    return rows
+
+
+def describe_result(result):
+    return f"{format_shape(result.shape)} {result.layout}"
+
+
+def print_report(results, summary):
+    print(TABLE_HEADER)
+    print(format_row([title for title, _, _ in COLUMNS]))
+    print(format_row(["-" * width for _, width, _ in COLUMNS]))
+    for result in results:
+        print(format_row([cell(result) for _, _, cell in COLUMNS]))
+    print()
+    for row in summary:
+        print(
+            f"{row['dtype']:8} {row['case']:9}  geomean speedup {row['geomean_speedup']:.2f}x  "
+            f"min {row['min_speedup']:.2f}x ({row['min_speedup_at']})  over {row['count']}"
+        )
+    slowest = min(results, key=lambda r: r.speedup)
+    print(f"minimum speedup overall: {slowest.speedup:.2f}x ({describe_result(slowest)} {slowest.dtype} {slowest.case})")
+
+
+def cpu_model():
+    """The CPU's model name from /proc/cpuinfo (what lscpu shows), else platform's guess."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit():
+    try:
+        directory = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True, timeout=5
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def metadata(args, plan):
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_busy_before_start": args.cpu_busy_before_start,
+        "git_commit": git_commit(),
+        "dtypes": args.dtype,
+        "cases": args.cases,
+        "quick": args.quick,
+        "malloc_keeps_freed_memory": args.malloc_keeps_freed_memory,
+        "timing": asdict(plan),
+        "definitions": TABLE_HEADER,
+    }
+
+
+def write_json(path, args, plan, results, summary):
+    document = {"metadata": metadata(args, plan), "results": [asdict(r) for r in results], "summary": summary}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as file:
+        json.dump(document, file, indent=2)
+    log(f"wrote {path}")
+
+
+def write_plot(path, summary):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log(f"matplotlib is not installed; skipping the plot {path}")
+        return
+    labels = [f"{row['case']}\n{row['dtype']}" for row in summary]
+    figure, axes = plt.subplots(figsize=(max(4, 1.2 * len(labels)), 4))
+    axes.bar(labels, [row["geomean_speedup"] for row in summary])
+    axes.axhline(1.0, color="black", linewidth=0.8)  # parity with torch
+    axes.set_ylabel("geomean speedup over torch (x)")
+    axes.set_title("bnext.batch_norm vs torch.nn.functional.batch_norm")
+    figure.tight_layout()
+    figure.savefig(path)
+    log(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def keep_freed_memory():
+    """Stop glibc's malloc from handing freed memory back to the OS, and say whether it worked.
+
+    By default glibc serves large blocks (the outputs and gradients here) with mmap, or trims the
+    heap after a free, so a repetition may or may not pay ~1 page fault per 4 KiB of its output,
+    depending on the allocator's state: timings of the same call then jump between two levels.
+    Keeping freed memory (as a caching allocator or a long training loop would) measures the
+    kernels in steady state, and both implementations alike.
+    """
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        # 32 MiB is the largest threshold glibc accepts; every benchmarked tensor is smaller.
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
+def cpu_busy_fraction(seconds=0.5):
+    """Fraction of all CPUs' time spent busy over `seconds`, from /proc/stat; None off Linux."""
+
+    def busy_and_total():
+        with open("/proc/stat") as stat:
+            ticks = [int(field) for field in stat.readline().split()[1:]]
+        idle = ticks[3] + ticks[4]  # idle + iowait
+        return sum(ticks) - idle, sum(ticks)
+
+    try:
+        busy_before, total_before = busy_and_total()
+        time.sleep(seconds)
+        busy_after, total_after = busy_and_total()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy_after - busy_before) / max(total_after - total_before, 1)
+
+
+def warn_if_busy():
+    """Timings taken beside a build or a test run are noise: say so rather than hide it.
+    (The load average lags by a minute, so it would also flag a benchmark run just before.)"""
+    busy = cpu_busy_fraction()
+    if busy is not None and busy > 0.2:
+        log(f"warning: the CPUs are {busy:.0%} busy before starting; timings may be noisy")
+    return busy
+
+
+def comma_list(choices):
+    def parse(text):
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(choices)}")
+        return names
+
+    return parse
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bnext.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="representative subset, fewer repetitions (< 1 min)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads(N) (default: torch's own default)")
+    parser.add_argument("--dtype", type=comma_list(list(DTYPES)), default=["float32"], help="float32,bfloat16")
+    parser.add_argument(
+        "--cases", type=comma_list(list(CASES)), default=list(CASES), help=f"subset of {','.join(CASES)}"
+    )
+    parser.add_argument(
+        "--repeat", type=int, help="timed repetitions per case (default: adaptive, about 1 s per case, 0.25 s --quick)"
+    )
+    parser.add_argument("--json", metavar="PATH", help="write results and metadata as JSON (e.g. benchmarks/results/)")
+    parser.add_argument("--plot", metavar="PATH", help="save a PNG bar chart of speedup per case (needs matplotlib)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for the data")
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="keep glibc malloc's defaults (freed memory goes back to the OS: page faults in the timings)",
+    )
+    args = parser.parse_args(argv)
+    if args.repeat is not None and args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
+    return args
+
+
+def timing_plan(args):
+    if args.quick:
+        return TimingPlan(warmup=2, budget_s=0.25, min_repeats=5, max_repeats=100, fixed_repeats=args.repeat)
+    return TimingPlan(warmup=3, budget_s=1.0, min_repeats=15, max_repeats=500, fixed_repeats=args.repeat)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.malloc_keeps_freed_memory = False if args.system_malloc else keep_freed_memory()
+    if not args.system_malloc and not args.malloc_keeps_freed_memory:
+        log("warning: could not tune malloc (not glibc?); page faults may add noise to the timings")
+    plan = timing_plan(args)
+    configs = configurations(QUICK_SHAPES if args.quick else ALL_SHAPES, [DTYPES[name] for name in args.dtype])
+    args.cpu_busy_before_start = warn_if_busy()
+    check_all(configs)
+    log(f"timing {len(configs) * len(args.cases)} cases on {torch.get_num_threads()} threads ...")
+    results = benchmark(configs, args.cases, plan)
+    summary = summarize(results)
+    print_report(results, summary)
+    if args.json:
+        write_json(args.json, args, plan, results, summary)
+    if args.plot:
+        write_plot(args.plot, summary)
+
+
+if __name__ == "__main__":
+    main()
