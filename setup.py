@@ -8,7 +8,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 # BNEXT_CPU_ARCH=native (default) tunes the CPU kernels for the building machine; set it to a
 # portable target (e.g. x86-64-v2) when the built package will run on other machines.
 cpu_arch = os.environ.get("BNEXT_CPU_ARCH", "native")
-cxx_flags = ["-O3", "-fopenmp", f"-march={cpu_arch}", "-DPy_LIMITED_API=0x030A0000"]
+cxx_flags = ["-O3", "-fopenmp", f"-march={cpu_arch}", "-mprefer-vector-width=512", "-DPy_LIMITED_API=0x030A0000"]
 
 setup(
     name="bnext",

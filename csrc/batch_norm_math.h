@@ -28,6 +28,15 @@ C10_HOST_DEVICE inline Moments<acc_t> merge(const Moments<acc_t>& a, const Momen
   return {count, a.mean + delta * b_share, a.m2 + b.m2 + delta * delta * a.count * b_share};
 }
 
+// Moments of `count` values from the sums of d = x - shift and of d^2 (the shifted-data algorithm:
+// with the shift one of the values, its sums carry no catastrophic cancellation).
+template <typename acc_t>
+C10_HOST_DEVICE inline Moments<acc_t> moments_from_shifted_sums(acc_t count, acc_t shift, acc_t sum, acc_t sum_sq) {
+  const acc_t mean_offset = sum / count;
+  const acc_t m2 = sum_sq - sum * mean_offset;
+  return {count, shift + mean_offset, m2 > acc_t(0) ? m2 : acc_t(0)};
+}
+
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t inverse_std(acc_t biased_var, acc_t eps) {
   return acc_t(1) / std::sqrt(biased_var + eps);

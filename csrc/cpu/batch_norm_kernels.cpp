@@ -34,16 +34,15 @@ using at::Tensor;
 
 // Independent accumulators per sum: the compiler vectorizes across them without reassociating.
 constexpr int64_t kLanes = 16;
-// Values of one channel whose moments are taken in two passes from L1 before a Chan merge.
-constexpr int64_t kChunk = 4096;
-// Values (rows x channels) of one channels-last block, re-read from L2 by its second pass, and
-// its most rows, which bounds the length of each per-channel sum in the input's precision.
-constexpr int64_t kBlockValues = 65536;
-constexpr int64_t kBlockRows = 256;
+// Sums run in the compute type (float for float32) for this many terms per accumulator, then are
+// added into the accumulation type (double for float32): fast loops, no long float sums.
+constexpr int64_t kFlushEvery = 8;
 // Values below which a parallel loop is not worth splitting (torch's own grain size).
 constexpr int64_t kGrainValues = 32768;
-// Channels-last rows are split into at most this many parts, each reduced by one task.
+// Channels-last rows are split into at most this many parts, each reduced by one task, and
+// each part has at least kMinPartValues values (rows x channels).
 constexpr int64_t kMaxParts = 64;
+constexpr int64_t kMinPartValues = 16384;
 
 struct Layout {
   bool rows;
@@ -83,92 +82,83 @@ Tensor channel_values(const std::optional<Tensor>& t, int64_t channels, double f
   return at::empty({channels}, at::TensorOptions().dtype(at::kDouble)).fill_(fill);
 }
 
-template <typename acc_t>
-acc_t sum_lanes(const acc_t* lanes) {
-  acc_t total = 0;
-  for (int64_t j = 0; j < kLanes; ++j) {
-    total += lanes[j];
-  }
-  return total;
-}
+// Two sums over runs of values, kLanes at a time: compute-type lanes the compiler vectorizes,
+// flushed every kFlushEvery vectors into accumulation-type lanes.
+template <typename opmath_t, typename acc_t>
+struct PairSums {
+  acc_t first[kLanes] = {};
+  acc_t second[kLanes] = {};
 
-// Exact-as-two-pass moments of one run of at most kChunk values (the second pass reads L1).
-template <typename acc_t, typename scalar_t>
-Moments<double> run_moments(const scalar_t* x, int64_t n) {
-  const int64_t vec_end = n - n % kLanes;
-  acc_t lanes[kLanes] = {};
-  for (int64_t i = 0; i < vec_end; i += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) {
-      lanes[j] += static_cast<acc_t>(x[i + j]);
+  // terms(i, first, second) adds value i's two terms to the given accumulators.
+  template <typename Terms>
+  void add_run(int64_t n, const Terms& terms) {
+    const int64_t vec_end = n - n % kLanes;
+    for (int64_t i = 0; i < vec_end;) {
+      opmath_t first_lanes[kLanes] = {};
+      opmath_t second_lanes[kLanes] = {};
+      for (const int64_t flush_end = std::min(vec_end, i + kLanes * kFlushEvery); i < flush_end; i += kLanes) {
+        for (int64_t j = 0; j < kLanes; ++j) {
+          terms(i + j, first_lanes[j], second_lanes[j]);
+        }
+      }
+      for (int64_t j = 0; j < kLanes; ++j) {
+        first[j] += first_lanes[j];
+        second[j] += second_lanes[j];
+      }
     }
-  }
-  acc_t sum = sum_lanes(lanes);
-  for (int64_t i = vec_end; i < n; ++i) {
-    sum += static_cast<acc_t>(x[i]);
-  }
-  const acc_t mean = sum / static_cast<acc_t>(n);
-  std::fill(lanes, lanes + kLanes, acc_t(0));
-  for (int64_t i = 0; i < vec_end; i += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const acc_t d = static_cast<acc_t>(x[i + j]) - mean;
-      lanes[j] += d * d;
+    opmath_t first_tail = 0;
+    opmath_t second_tail = 0;
+    for (int64_t i = vec_end; i < n; ++i) {
+      terms(i, first_tail, second_tail);
     }
+    first[0] += first_tail;
+    second[0] += second_tail;
   }
-  acc_t m2 = sum_lanes(lanes);
-  for (int64_t i = vec_end; i < n; ++i) {
-    const acc_t d = static_cast<acc_t>(x[i]) - mean;
-    m2 += d * d;
-  }
-  return {static_cast<double>(n), static_cast<double>(mean), static_cast<double>(m2)};
-}
 
-// Moments of channel c of a planar tensor.
-template <typename acc_t, typename scalar_t>
-Moments<double> planar_channel_moments(const scalar_t* x, const Layout& layout, int64_t c) {
-  Moments<double> moments;
+  std::pair<acc_t, acc_t> totals() const {
+    acc_t first_total = 0;
+    acc_t second_total = 0;
+    for (int64_t j = 0; j < kLanes; ++j) {
+      first_total += first[j];
+      second_total += second[j];
+    }
+    return {first_total, second_total};
+  }
+};
+
+// Moments of channel c of a planar tensor, by sums shifted by the channel's first value.
+template <typename opmath_t, typename acc_t, typename scalar_t>
+Moments<acc_t> planar_channel_moments(const scalar_t* x, const Layout& layout, int64_t c) {
+  const opmath_t shift = static_cast<opmath_t>(x[c * layout.inner]);
+  PairSums<opmath_t, acc_t> sums;
   for (int64_t n = 0; n < layout.batch; ++n) {
     const scalar_t* run = x + (n * layout.channels + c) * layout.inner;
-    for (int64_t start = 0; start < layout.inner; start += kChunk) {
-      moments = merge(moments, run_moments<acc_t>(run + start, std::min(kChunk, layout.inner - start)));
-    }
+    sums.add_run(layout.inner, [&](int64_t i, opmath_t& sum, opmath_t& sum_sq) {
+      const opmath_t d = static_cast<opmath_t>(run[i]) - shift;
+      sum += d;
+      sum_sq += d * d;
+    });
   }
-  return moments;
+  const auto [sum, sum_sq] = sums.totals();
+  return moments_from_shifted_sums<acc_t>(static_cast<acc_t>(layout.num_rows), shift, sum, sum_sq);
 }
 
 // sum(dy) and sum(dy * (x - mean)) of channel c of a planar tensor.
-template <typename acc_t, typename scalar_t>
-std::pair<double, double> planar_channel_grad_sums(const scalar_t* dy, const scalar_t* x, const Layout& layout,
-                                                   int64_t c, acc_t mean) {
-  double sum_dy = 0;
-  double sum_dy_xmu = 0;
+template <typename opmath_t, typename acc_t, typename scalar_t>
+std::pair<acc_t, acc_t> planar_channel_grad_sums(const scalar_t* dy, const scalar_t* x, const Layout& layout,
+                                                 int64_t c, opmath_t mean) {
+  PairSums<opmath_t, acc_t> sums;
   for (int64_t n = 0; n < layout.batch; ++n) {
     const int64_t offset = (n * layout.channels + c) * layout.inner;
-    for (int64_t start = 0; start < layout.inner; start += kChunk) {
-      const scalar_t* dy_run = dy + offset + start;
-      const scalar_t* x_run = x + offset + start;
-      const int64_t len = std::min(kChunk, layout.inner - start);
-      const int64_t vec_end = len - len % kLanes;
-      acc_t dy_lanes[kLanes] = {};
-      acc_t dy_xmu_lanes[kLanes] = {};
-      for (int64_t i = 0; i < vec_end; i += kLanes) {
-        for (int64_t j = 0; j < kLanes; ++j) {
-          const acc_t g = static_cast<acc_t>(dy_run[i + j]);
-          dy_lanes[j] += g;
-          dy_xmu_lanes[j] += g * (static_cast<acc_t>(x_run[i + j]) - mean);
-        }
-      }
-      acc_t chunk_dy = sum_lanes(dy_lanes);
-      acc_t chunk_dy_xmu = sum_lanes(dy_xmu_lanes);
-      for (int64_t i = vec_end; i < len; ++i) {
-        const acc_t g = static_cast<acc_t>(dy_run[i]);
-        chunk_dy += g;
-        chunk_dy_xmu += g * (static_cast<acc_t>(x_run[i]) - mean);
-      }
-      sum_dy += chunk_dy;
-      sum_dy_xmu += chunk_dy_xmu;
-    }
+    const scalar_t* dy_run = dy + offset;
+    const scalar_t* x_run = x + offset;
+    sums.add_run(layout.inner, [&](int64_t i, opmath_t& sum_dy, opmath_t& sum_dy_xmu) {
+      const opmath_t g = static_cast<opmath_t>(dy_run[i]);
+      sum_dy += g;
+      sum_dy_xmu += g * (static_cast<opmath_t>(x_run[i]) - mean);
+    });
   }
-  return {sum_dy, sum_dy_xmu};
+  return sums.totals();
 }
 
 // Per-channel normalize coefficients of a rows tensor, one array each so the channel loop vectorizes.
@@ -241,64 +231,72 @@ void normalize_all_rows(const scalar_t* x, scalar_t* y, const Layout& layout, co
   });
 }
 
-// Fixed partition of rows into blocks (each fits L2) and of blocks into parts (one task each).
+// Fixed partition of rows into parts, one task each.
 struct RowPartition {
-  int64_t block_rows;
-  int64_t num_blocks;
+  int64_t num_rows;
   int64_t num_parts;
 
   explicit RowPartition(const Layout& layout)
-      : block_rows(std::clamp<int64_t>(kBlockValues / std::max<int64_t>(1, layout.channels), 1, kBlockRows)),
-        num_blocks((layout.num_rows + block_rows - 1) / block_rows),
-        num_parts(std::min(num_blocks, kMaxParts)) {}
+      : num_rows(layout.num_rows),
+        num_parts(std::clamp<int64_t>(layout.num_rows * layout.channels / kMinPartValues, 1, kMaxParts)) {}
 
-  int64_t first_block(int64_t part) const { return part * num_blocks / num_parts; }
-  int64_t row_begin(int64_t block) const { return block * block_rows; }
-  int64_t row_end(int64_t block, int64_t num_rows) const { return std::min(num_rows, (block + 1) * block_rows); }
+  int64_t row_begin(int64_t part) const { return part * num_rows / num_parts; }
 };
 
-// Moments of every channel of a rows tensor: each part merges its blocks' two-pass moments,
-// then the parts are merged in order.
-template <typename acc_t, typename scalar_t>
-std::vector<Moments<double>> rows_moments(const scalar_t* x, const Layout& layout) {
+// Per-channel pair sums over rows [row_begin, row_end) of a rows tensor: compute-type rows of
+// accumulators, flushed every kFlushEvery rows into accumulation-type rows.
+template <typename opmath_t, typename acc_t, typename Terms>
+void add_rows(int64_t channels, int64_t row_begin, int64_t row_end, acc_t* first, acc_t* second,
+              const Terms& terms) {
+  std::vector<opmath_t> first_rows(channels);
+  std::vector<opmath_t> second_rows(channels);
+  for (int64_t r = row_begin; r < row_end;) {
+    std::fill(first_rows.begin(), first_rows.end(), opmath_t(0));
+    std::fill(second_rows.begin(), second_rows.end(), opmath_t(0));
+    for (const int64_t flush_end = std::min(row_end, r + kFlushEvery); r < flush_end; ++r) {
+      terms(r, first_rows.data(), second_rows.data());
+    }
+    for (int64_t c = 0; c < channels; ++c) {
+      first[c] += first_rows[c];
+      second[c] += second_rows[c];
+    }
+  }
+}
+
+// Moments of every channel of a rows tensor: each part sums shifted by its first row, then the
+// parts are merged in order.
+template <typename opmath_t, typename acc_t, typename scalar_t>
+std::vector<Moments<acc_t>> rows_moments(const scalar_t* x, const Layout& layout) {
   const int64_t channels = layout.channels;
   const RowPartition partition(layout);
-  std::vector<Moments<double>> part_moments(partition.num_parts * channels);
+  std::vector<Moments<acc_t>> part_moments(partition.num_parts * channels);
   at::parallel_for(0, partition.num_parts, 1, [&](int64_t part_begin, int64_t part_end) {
-    std::vector<acc_t> block_mean(channels);
-    std::vector<acc_t> block_m2(channels);
+    std::vector<opmath_t> shift(channels);
+    std::vector<acc_t> sum(channels);
+    std::vector<acc_t> sum_sq(channels);
     for (int64_t part = part_begin; part < part_end; ++part) {
-      Moments<double>* moments = part_moments.data() + part * channels;
-      for (int64_t block = partition.first_block(part); block < partition.first_block(part + 1); ++block) {
-        const int64_t r0 = partition.row_begin(block);
-        const int64_t r1 = partition.row_end(block, layout.num_rows);
-        std::fill(block_mean.begin(), block_mean.end(), acc_t(0));
-        std::fill(block_m2.begin(), block_m2.end(), acc_t(0));
-        for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* row = x + r * channels;
-          for (int64_t c = 0; c < channels; ++c) {
-            block_mean[c] += static_cast<acc_t>(row[c]);
-          }
-        }
-        const acc_t inv_rows = acc_t(1) / static_cast<acc_t>(r1 - r0);
+      const int64_t r0 = partition.row_begin(part);
+      const int64_t r1 = partition.row_begin(part + 1);
+      for (int64_t c = 0; c < channels; ++c) {
+        shift[c] = static_cast<opmath_t>(x[r0 * channels + c]);
+      }
+      std::fill(sum.begin(), sum.end(), acc_t(0));
+      std::fill(sum_sq.begin(), sum_sq.end(), acc_t(0));
+      add_rows<opmath_t>(channels, r0, r1, sum.data(), sum_sq.data(), [&](int64_t r, opmath_t* s1, opmath_t* s2) {
+        const scalar_t* row = x + r * channels;
         for (int64_t c = 0; c < channels; ++c) {
-          block_mean[c] *= inv_rows;
+          const opmath_t d = static_cast<opmath_t>(row[c]) - shift[c];
+          s1[c] += d;
+          s2[c] += d * d;
         }
-        for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* row = x + r * channels;
-          for (int64_t c = 0; c < channels; ++c) {
-            const acc_t d = static_cast<acc_t>(row[c]) - block_mean[c];
-            block_m2[c] += d * d;
-          }
-        }
-        const double block_count = static_cast<double>(r1 - r0);
-        for (int64_t c = 0; c < channels; ++c) {
-          moments[c] = merge(moments[c], Moments<double>{block_count, double(block_mean[c]), double(block_m2[c])});
-        }
+      });
+      for (int64_t c = 0; c < channels; ++c) {
+        part_moments[part * channels + c] =
+            moments_from_shifted_sums<acc_t>(static_cast<acc_t>(r1 - r0), shift[c], sum[c], sum_sq[c]);
       }
     }
   });
-  std::vector<Moments<double>> total(channels);
+  std::vector<Moments<acc_t>> total(channels);
   for (int64_t part = 0; part < partition.num_parts; ++part) {
     for (int64_t c = 0; c < channels; ++c) {
       total[c] = merge(total[c], part_moments[part * channels + c]);
@@ -308,38 +306,30 @@ std::vector<Moments<double>> rows_moments(const scalar_t* x, const Layout& layou
 }
 
 // sum(dy) and sum(dy * (x - mean)) of every channel of a rows tensor, by fixed parts.
-template <typename acc_t, typename scalar_t>
-std::pair<std::vector<double>, std::vector<double>> rows_grad_sums(const scalar_t* dy, const scalar_t* x,
-                                                                   const Layout& layout, const acc_t* mean) {
+template <typename opmath_t, typename acc_t, typename scalar_t>
+std::pair<std::vector<acc_t>, std::vector<acc_t>> rows_grad_sums(const scalar_t* dy, const scalar_t* x,
+                                                                 const Layout& layout, const opmath_t* mean) {
   const int64_t channels = layout.channels;
   const RowPartition partition(layout);
-  std::vector<double> part_dy(partition.num_parts * channels, 0.0);
-  std::vector<double> part_dy_xmu(partition.num_parts * channels, 0.0);
+  std::vector<acc_t> part_dy(partition.num_parts * channels, acc_t(0));
+  std::vector<acc_t> part_dy_xmu(partition.num_parts * channels, acc_t(0));
   at::parallel_for(0, partition.num_parts, 1, [&](int64_t part_begin, int64_t part_end) {
-    std::vector<acc_t> block_dy(channels);
-    std::vector<acc_t> block_dy_xmu(channels);
     for (int64_t part = part_begin; part < part_end; ++part) {
-      for (int64_t block = partition.first_block(part); block < partition.first_block(part + 1); ++block) {
-        std::fill(block_dy.begin(), block_dy.end(), acc_t(0));
-        std::fill(block_dy_xmu.begin(), block_dy_xmu.end(), acc_t(0));
-        for (int64_t r = partition.row_begin(block); r < partition.row_end(block, layout.num_rows); ++r) {
-          const scalar_t* dy_row = dy + r * channels;
-          const scalar_t* x_row = x + r * channels;
-          for (int64_t c = 0; c < channels; ++c) {
-            const acc_t g = static_cast<acc_t>(dy_row[c]);
-            block_dy[c] += g;
-            block_dy_xmu[c] += g * (static_cast<acc_t>(x_row[c]) - mean[c]);
-          }
-        }
-        for (int64_t c = 0; c < channels; ++c) {
-          part_dy[part * channels + c] += block_dy[c];
-          part_dy_xmu[part * channels + c] += block_dy_xmu[c];
-        }
-      }
+      add_rows<opmath_t>(channels, partition.row_begin(part), partition.row_begin(part + 1),
+                         part_dy.data() + part * channels, part_dy_xmu.data() + part * channels,
+                         [&](int64_t r, opmath_t* sum_dy, opmath_t* sum_dy_xmu) {
+                           const scalar_t* dy_row = dy + r * channels;
+                           const scalar_t* x_row = x + r * channels;
+                           for (int64_t c = 0; c < channels; ++c) {
+                             const opmath_t g = static_cast<opmath_t>(dy_row[c]);
+                             sum_dy[c] += g;
+                             sum_dy_xmu[c] += g * (static_cast<opmath_t>(x_row[c]) - mean[c]);
+                           }
+                         });
     }
   });
-  std::vector<double> sum_dy(channels, 0.0);
-  std::vector<double> sum_dy_xmu(channels, 0.0);
+  std::vector<acc_t> sum_dy(channels, acc_t(0));
+  std::vector<acc_t> sum_dy_xmu(channels, acc_t(0));
   for (int64_t part = 0; part < partition.num_parts; ++part) {
     for (int64_t c = 0; c < channels; ++c) {
       sum_dy[c] += part_dy[part * channels + c];
@@ -378,11 +368,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
       // Channel by channel: the normalize pass re-reads the channel while the statistics pass left it in cache.
       at::parallel_for(0, layout.channels, 1, [&](int64_t c_begin, int64_t c_end) {
         for (int64_t c = c_begin; c < c_end; ++c) {
-          const Moments<double> moments = planar_channel_moments<acc_t>(x_data, layout, c);
-          const double invstd = inverse_std(moments.m2 / moments.count, eps);
-          mean_data[c] = static_cast<opmath_t>(moments.mean);
+          const Moments<acc_t> moments = planar_channel_moments<opmath_t, acc_t>(x_data, layout, c);
+          const double mean = moments.mean;
+          const double invstd = inverse_std(double(moments.m2) / double(moments.count), eps);
+          mean_data[c] = static_cast<opmath_t>(mean);
           invstd_data[c] = static_cast<opmath_t>(invstd);
-          const Affine<opmath_t> affine = normalize_affine<opmath_t>(moments.mean, invstd, w[c], b[c]);
+          const Affine<opmath_t> affine = normalize_affine<opmath_t>(mean, invstd, w[c], b[c]);
           for (int64_t n = 0; n < layout.batch; ++n) {
             const int64_t offset = (n * layout.channels + c) * layout.inner;
             normalize_run(x_data + offset, y_data + offset, layout.inner, affine);
@@ -391,13 +382,14 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
       });
       return;
     }
-    const std::vector<Moments<double>> moments = rows_moments<acc_t>(x_data, layout);
+    const std::vector<Moments<acc_t>> moments = rows_moments<opmath_t, acc_t>(x_data, layout);
     ChannelAffines<opmath_t> affines(layout.channels);
     for (int64_t c = 0; c < layout.channels; ++c) {
-      const double invstd = inverse_std(moments[c].m2 / moments[c].count, eps);
-      mean_data[c] = static_cast<opmath_t>(moments[c].mean);
+      const double mean = moments[c].mean;
+      const double invstd = inverse_std(double(moments[c].m2) / double(moments[c].count), eps);
+      mean_data[c] = static_cast<opmath_t>(mean);
       invstd_data[c] = static_cast<opmath_t>(invstd);
-      affines.set(c, normalize_affine<opmath_t>(moments[c].mean, invstd, w[c], b[c]));
+      affines.set(c, normalize_affine<opmath_t>(mean, invstd, w[c], b[c]));
     }
     normalize_all_rows(x_data, y_data, layout, affines);
   });
@@ -475,10 +467,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
       const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
       scalar_t* dx_data = output_mask[0] ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
       std::vector<opmath_t> mean_op(channels);
-      std::vector<acc_t> mean_acc(channels);
       for (int64_t c = 0; c < channels; ++c) {
         mean_op[c] = static_cast<opmath_t>(mu[c]);
-        mean_acc[c] = static_cast<acc_t>(mu[c]);
       }
       const auto gradient = [&](int64_t c) {
         const InputGradient<double> g =
@@ -490,7 +480,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
         at::parallel_for(0, channels, 1, [&](int64_t c_begin, int64_t c_end) {
           for (int64_t c = c_begin; c < c_end; ++c) {
             if (need_sums) {
-              std::tie(sum_dy[c], sum_dy_xmu[c]) = planar_channel_grad_sums(dy_data, x_data, layout, c, mean_acc[c]);
+              std::tie(sum_dy[c], sum_dy_xmu[c]) =
+                  planar_channel_grad_sums<opmath_t, acc_t>(dy_data, x_data, layout, c, mean_op[c]);
             }
             if (!output_mask[0]) {
               continue;
@@ -509,7 +500,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
         return;
       }
       if (need_sums) {
-        std::tie(sum_dy, sum_dy_xmu) = rows_grad_sums(dy_data, x_data, layout, mean_acc.data());
+        const auto [dy_sums, dy_xmu_sums] = rows_grad_sums<opmath_t, acc_t>(dy_data, x_data, layout, mean_op.data());
+        std::copy(dy_sums.begin(), dy_sums.end(), sum_dy.begin());
+        std::copy(dy_xmu_sums.begin(), dy_xmu_sums.end(), sum_dy_xmu.begin());
       }
       if (!output_mask[0]) {
         return;
