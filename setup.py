@@ -1,14 +1,37 @@
 """Build bnext's native operators against the installed torch (pip install --no-build-isolation .)."""
 import glob
 import os
+import subprocess
 
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 # BNEXT_CPU_ARCH=native (default) tunes the CPU kernels for the building machine; set it to a
 # portable target (e.g. x86-64-v2) when the built package will run on other machines.
-cpu_arch = os.environ.get("BNEXT_CPU_ARCH", "native")
-cxx_flags = ["-O3", "-fopenmp", f"-march={cpu_arch}", "-mprefer-vector-width=512", "-DPy_LIMITED_API=0x030A0000"]
+CPU_ARCH = os.environ.get("BNEXT_CPU_ARCH", "native")
+
+
+def simd_capability(arch):
+    """The at::vec capability (AVX512, AVX2 or none) that the compiler's target for `arch` supports."""
+    try:
+        macros = subprocess.run(
+            ["c++", f"-march={arch}", "-dM", "-E", "-x", "c++", os.devnull],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    defined = set(line.split()[1] for line in macros.splitlines() if line.startswith("#define"))
+    if {"__AVX512F__", "__AVX512BW__", "__AVX512VL__", "__AVX512DQ__", "__FMA__"} <= defined:
+        return "AVX512"
+    if {"__AVX2__", "__FMA__"} <= defined:
+        return "AVX2"
+    return None
+
+
+capability = simd_capability(CPU_ARCH)
+cxx_flags = ["-O3", "-fopenmp", f"-march={CPU_ARCH}", "-DPy_LIMITED_API=0x030A0000"]
+if capability:
+    cxx_flags += [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
 
 setup(
     name="bnext",

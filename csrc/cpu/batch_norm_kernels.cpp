@@ -18,6 +18,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
@@ -25,6 +27,7 @@
 #include <algorithm>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace bnext::cpu {
@@ -39,10 +42,14 @@ constexpr int64_t kLanes = 16;
 constexpr int64_t kFlushEvery = 8;
 // Values below which a parallel loop is not worth splitting (torch's own grain size).
 constexpr int64_t kGrainValues = 32768;
-// Channels-last rows are split into at most this many parts, each reduced by one task, and
-// each part has at least kMinPartValues values (rows x channels).
+// Channels-last rows are split into at most this many parts, each reduced by one task; each part
+// has at least kMinPartValues values (rows x channels) and kMinPartRows rows, so that merging the
+// parts costs little next to reducing them.
 constexpr int64_t kMaxParts = 64;
 constexpr int64_t kMinPartValues = 16384;
+constexpr int64_t kMinPartRows = 64;
+// Channels of a rows tensor reduced together by one task.
+constexpr int64_t kChannelBlock = 2048;
 
 struct Layout {
   bool rows;
@@ -82,83 +89,126 @@ Tensor channel_values(const std::optional<Tensor>& t, int64_t channels, double f
   return at::empty({channels}, at::TensorOptions().dtype(at::kDouble)).fill_(fill);
 }
 
-// Two sums over runs of values, kLanes at a time: compute-type lanes the compiler vectorizes,
-// flushed every kFlushEvery vectors into accumulation-type lanes.
-template <typename opmath_t, typename acc_t>
-struct PairSums {
-  acc_t first[kLanes] = {};
-  acc_t second[kLanes] = {};
+// SIMD vectors of the compute type, loaded from and stored to the input's type.
+template <typename scalar_t>
+using OpVec = at::vec::Vectorized<at::opmath_type<scalar_t>>;
 
-  // terms(i, first, second) adds value i's two terms to the given accumulators.
+template <typename scalar_t>
+OpVec<scalar_t> load_vec(const scalar_t* data) {
+  if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
+    return OpVec<scalar_t>::loadu(data);
+  } else {
+    OpVec<scalar_t> values;
+    at::vec::load_to_float(data, values);
+    return values;
+  }
+}
+
+template <typename scalar_t>
+void store_vec(scalar_t* data, const OpVec<scalar_t>& values) {
+  if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
+    values.store(data);
+  } else {
+    at::vec::convert_from_float<scalar_t>(values, values).store(data, OpVec<scalar_t>::size());
+  }
+}
+
+// One value as the compute type, or one vector of them, as T asks: lets a loop body written once
+// serve the vector loop and its scalar tail.
+template <typename T, typename scalar_t>
+T load_as(const scalar_t* data) {
+  if constexpr (std::is_same_v<T, OpVec<scalar_t>>) {
+    return load_vec(data);
+  } else {
+    return static_cast<T>(*data);
+  }
+}
+
+// Two sums over runs of values: SIMD lanes in the compute type (float for float32) for
+// kFlushEvery vectors, then added into totals of the accumulation type (double for float32).
+template <typename scalar_t>
+struct PairSums {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+  using Vec = OpVec<scalar_t>;
+
+  acc_t first = 0;
+  acc_t second = 0;
+
+  // terms(i, first, second) adds the two terms of value i (a vector of values when the
+  // accumulators are vectors) to the accumulators.
   template <typename Terms>
   void add_run(int64_t n, const Terms& terms) {
-    const int64_t vec_end = n - n % kLanes;
+    // kChains independent accumulators per sum keep several vector adds in flight.
+    constexpr int64_t kChains = 4;
+    constexpr int64_t kStep = Vec::size() * kChains;
+    const int64_t vec_end = n - n % Vec::size();
     for (int64_t i = 0; i < vec_end;) {
-      opmath_t first_lanes[kLanes] = {};
-      opmath_t second_lanes[kLanes] = {};
-      for (const int64_t flush_end = std::min(vec_end, i + kLanes * kFlushEvery); i < flush_end; i += kLanes) {
-        for (int64_t j = 0; j < kLanes; ++j) {
-          terms(i + j, first_lanes[j], second_lanes[j]);
+      Vec first_lanes[kChains] = {Vec(opmath_t(0)), Vec(opmath_t(0)), Vec(opmath_t(0)), Vec(opmath_t(0))};
+      Vec second_lanes[kChains] = {Vec(opmath_t(0)), Vec(opmath_t(0)), Vec(opmath_t(0)), Vec(opmath_t(0))};
+      const int64_t flush_end = std::min(vec_end, i + kStep * kFlushEvery);
+      for (; i + kStep <= flush_end; i += kStep) {
+        for (int64_t k = 0; k < kChains; ++k) {
+          terms(i + k * Vec::size(), first_lanes[k], second_lanes[k]);
         }
       }
-      for (int64_t j = 0; j < kLanes; ++j) {
-        first[j] += first_lanes[j];
-        second[j] += second_lanes[j];
+      for (; i < flush_end; i += Vec::size()) {
+        terms(i, first_lanes[0], second_lanes[0]);
       }
+      first += lane_sum((first_lanes[0] + first_lanes[1]) + (first_lanes[2] + first_lanes[3]));
+      second += lane_sum((second_lanes[0] + second_lanes[1]) + (second_lanes[2] + second_lanes[3]));
     }
     opmath_t first_tail = 0;
     opmath_t second_tail = 0;
     for (int64_t i = vec_end; i < n; ++i) {
       terms(i, first_tail, second_tail);
     }
-    first[0] += first_tail;
-    second[0] += second_tail;
+    first += first_tail;
+    second += second_tail;
   }
 
-  std::pair<acc_t, acc_t> totals() const {
-    acc_t first_total = 0;
-    acc_t second_total = 0;
-    for (int64_t j = 0; j < kLanes; ++j) {
-      first_total += first[j];
-      second_total += second[j];
-    }
-    return {first_total, second_total};
+  static acc_t lane_sum(const Vec& lanes) {
+    return at::vec::vec_reduce_all<opmath_t>([](const Vec& a, const Vec& b) { return a + b; }, lanes);
   }
 };
 
 // Moments of channel c of a planar tensor, by sums shifted by the channel's first value.
-template <typename opmath_t, typename acc_t, typename scalar_t>
-Moments<acc_t> planar_channel_moments(const scalar_t* x, const Layout& layout, int64_t c) {
+template <typename scalar_t>
+auto planar_channel_moments(const scalar_t* x, const Layout& layout, int64_t c) {
+  using Sums = PairSums<scalar_t>;
+  using opmath_t = typename Sums::opmath_t;
+  using acc_t = typename Sums::acc_t;
   const opmath_t shift = static_cast<opmath_t>(x[c * layout.inner]);
-  PairSums<opmath_t, acc_t> sums;
+  Sums sums;
   for (int64_t n = 0; n < layout.batch; ++n) {
     const scalar_t* run = x + (n * layout.channels + c) * layout.inner;
-    sums.add_run(layout.inner, [&](int64_t i, opmath_t& sum, opmath_t& sum_sq) {
-      const opmath_t d = static_cast<opmath_t>(run[i]) - shift;
-      sum += d;
-      sum_sq += d * d;
+    sums.add_run(layout.inner, [&](int64_t i, auto& sum, auto& sum_sq) {
+      using T = std::decay_t<decltype(sum)>;
+      const T d = load_as<T>(run + i) - T(shift);
+      sum = sum + d;
+      sum_sq = sum_sq + d * d;
     });
   }
-  const auto [sum, sum_sq] = sums.totals();
-  return moments_from_shifted_sums<acc_t>(static_cast<acc_t>(layout.num_rows), shift, sum, sum_sq);
+  return moments_from_shifted_sums<acc_t>(static_cast<acc_t>(layout.num_rows), shift, sums.first, sums.second);
 }
 
 // sum(dy) and sum(dy * (x - mean)) of channel c of a planar tensor.
-template <typename opmath_t, typename acc_t, typename scalar_t>
-std::pair<acc_t, acc_t> planar_channel_grad_sums(const scalar_t* dy, const scalar_t* x, const Layout& layout,
-                                                 int64_t c, opmath_t mean) {
-  PairSums<opmath_t, acc_t> sums;
+template <typename scalar_t, typename opmath_t>
+auto planar_channel_grad_sums(const scalar_t* dy, const scalar_t* x, const Layout& layout, int64_t c,
+                              opmath_t mean) {
+  PairSums<scalar_t> sums;
   for (int64_t n = 0; n < layout.batch; ++n) {
     const int64_t offset = (n * layout.channels + c) * layout.inner;
     const scalar_t* dy_run = dy + offset;
     const scalar_t* x_run = x + offset;
-    sums.add_run(layout.inner, [&](int64_t i, opmath_t& sum_dy, opmath_t& sum_dy_xmu) {
-      const opmath_t g = static_cast<opmath_t>(dy_run[i]);
-      sum_dy += g;
-      sum_dy_xmu += g * (static_cast<opmath_t>(x_run[i]) - mean);
+    sums.add_run(layout.inner, [&](int64_t i, auto& sum_dy, auto& sum_dy_xmu) {
+      using T = std::decay_t<decltype(sum_dy)>;
+      const T g = load_as<T>(dy_run + i);
+      sum_dy = sum_dy + g;
+      sum_dy_xmu = sum_dy_xmu + g * (load_as<T>(x_run + i) - T(mean));
     });
   }
-  return sums.totals();
+  return std::make_pair(sums.first, sums.second);
 }
 
 // Per-channel normalize coefficients of a rows tensor, one array each so the channel loop vectorizes.
@@ -180,7 +230,20 @@ struct ChannelAffines {
 // y = (x - center) * scale + shift over n values.
 template <typename opmath_t, typename scalar_t>
 void normalize_run(const scalar_t* x, scalar_t* y, int64_t n, const Affine<opmath_t>& affine) {
-  for (int64_t i = 0; i < n; ++i) {
+  using Vec = OpVec<scalar_t>;
+  const Vec center(affine.center), scale(affine.scale), shift(affine.shift);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    store_vec(y + i, at::vec::fmadd(load_vec(x + i) - center, scale, shift));
+  }
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    // One partial vector for the tail: short planes (7x7) are mostly tail.
+    if (i < n) {
+      at::vec::fmadd(Vec::loadu(x + i, n - i) - center, scale, shift).store(y + i, n - i);
+    }
+    return;
+  }
+  for (; i < n; ++i) {
     y[i] = static_cast<scalar_t>((static_cast<opmath_t>(x[i]) - affine.center) * affine.scale + affine.shift);
   }
 }
@@ -205,7 +268,21 @@ void normalize_rows(const scalar_t* x, scalar_t* y, int64_t channels, int64_t ro
 template <typename opmath_t, typename scalar_t>
 void input_grad_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, opmath_t mean,
                     const InputGradient<opmath_t>& g) {
-  for (int64_t i = 0; i < n; ++i) {
+  using Vec = OpVec<scalar_t>;
+  const Vec mean_vec(mean), dy_scale(g.dy_scale), xmu_scale(g.xmu_scale), shift(g.shift);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec xmu_term = at::vec::fmadd(load_vec(x + i) - mean_vec, xmu_scale, shift);
+    store_vec(dx + i, at::vec::fmadd(load_vec(dy + i), dy_scale, xmu_term));
+  }
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    if (i < n) {
+      const Vec xmu_term = at::vec::fmadd(Vec::loadu(x + i, n - i) - mean_vec, xmu_scale, shift);
+      at::vec::fmadd(Vec::loadu(dy + i, n - i), dy_scale, xmu_term).store(dx + i, n - i);
+    }
+    return;
+  }
+  for (; i < n; ++i) {
     const opmath_t xmu = static_cast<opmath_t>(x[i]) - mean;
     dx[i] = static_cast<scalar_t>(static_cast<opmath_t>(dy[i]) * g.dy_scale + (xmu * g.xmu_scale + g.shift));
   }
@@ -231,81 +308,98 @@ void normalize_all_rows(const scalar_t* x, scalar_t* y, const Layout& layout, co
   });
 }
 
-// Fixed partition of rows into parts, one task each.
+// Fixed partition of a rows tensor into tasks: parts of rows times blocks of channels, so that
+// a few rows of many channels still make several tasks.
 struct RowPartition {
   int64_t num_rows;
+  int64_t channels;
   int64_t num_parts;
+  int64_t num_channel_blocks;
 
   explicit RowPartition(const Layout& layout)
       : num_rows(layout.num_rows),
-        num_parts(std::clamp<int64_t>(layout.num_rows * layout.channels / kMinPartValues, 1, kMaxParts)) {}
+        channels(layout.channels),
+        num_parts(std::clamp<int64_t>(
+            std::min(layout.num_rows * layout.channels / kMinPartValues, layout.num_rows / kMinPartRows), 1,
+            kMaxParts)),
+        num_channel_blocks((layout.channels + kChannelBlock - 1) / kChannelBlock) {}
 
+  int64_t num_tasks() const { return num_parts * num_channel_blocks; }
+  int64_t part(int64_t task) const { return task / num_channel_blocks; }
   int64_t row_begin(int64_t part) const { return part * num_rows / num_parts; }
+  int64_t channel_begin(int64_t task) const { return task % num_channel_blocks * kChannelBlock; }
+  int64_t channel_end(int64_t task) const { return std::min(channels, channel_begin(task) + kChannelBlock); }
 };
 
-// Per-channel pair sums over rows [row_begin, row_end) of a rows tensor: compute-type rows of
-// accumulators, flushed every kFlushEvery rows into accumulation-type rows.
+// Per-channel pair sums over rows [row_begin, row_end) of a block of `width` channels of a rows
+// tensor: compute-type accumulators, flushed every kFlushEvery rows into accumulation-type ones.
+// terms(r, first, second) adds row r's terms of the block's channels to first[j], second[j].
 template <typename opmath_t, typename acc_t, typename Terms>
-void add_rows(int64_t channels, int64_t row_begin, int64_t row_end, acc_t* first, acc_t* second,
-              const Terms& terms) {
-  std::vector<opmath_t> first_rows(channels);
-  std::vector<opmath_t> second_rows(channels);
+void add_rows(int64_t row_begin, int64_t row_end, int64_t width, acc_t* first, acc_t* second, const Terms& terms) {
+  opmath_t first_rows[kChannelBlock];
+  opmath_t second_rows[kChannelBlock];
   for (int64_t r = row_begin; r < row_end;) {
-    std::fill(first_rows.begin(), first_rows.end(), opmath_t(0));
-    std::fill(second_rows.begin(), second_rows.end(), opmath_t(0));
+    std::fill(first_rows, first_rows + width, opmath_t(0));
+    std::fill(second_rows, second_rows + width, opmath_t(0));
     for (const int64_t flush_end = std::min(row_end, r + kFlushEvery); r < flush_end; ++r) {
-      terms(r, first_rows.data(), second_rows.data());
+      terms(r, first_rows, second_rows);
     }
-    for (int64_t c = 0; c < channels; ++c) {
-      first[c] += first_rows[c];
-      second[c] += second_rows[c];
+    for (int64_t j = 0; j < width; ++j) {
+      first[j] += first_rows[j];
+      second[j] += second_rows[j];
     }
   }
 }
 
-// Moments of every channel of a rows tensor: each part sums shifted by its first row, then the
-// parts are merged in order.
+// Moments of every channel of a rows tensor: each task sums shifted by its part's first row, then
+// the parts are merged in order.
 template <typename opmath_t, typename acc_t, typename scalar_t>
 std::vector<Moments<acc_t>> rows_moments(const scalar_t* x, const Layout& layout) {
   const int64_t channels = layout.channels;
   const RowPartition partition(layout);
   std::vector<Moments<acc_t>> part_moments(partition.num_parts * channels);
-  at::parallel_for(0, partition.num_parts, 1, [&](int64_t part_begin, int64_t part_end) {
-    std::vector<opmath_t> shift(channels);
-    std::vector<acc_t> sum(channels);
-    std::vector<acc_t> sum_sq(channels);
-    for (int64_t part = part_begin; part < part_end; ++part) {
+  at::parallel_for(0, partition.num_tasks(), 1, [&](int64_t task_begin, int64_t task_end) {
+    opmath_t shift[kChannelBlock];
+    acc_t sum[kChannelBlock];
+    acc_t sum_sq[kChannelBlock];
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      const int64_t part = partition.part(task);
       const int64_t r0 = partition.row_begin(part);
       const int64_t r1 = partition.row_begin(part + 1);
-      for (int64_t c = 0; c < channels; ++c) {
-        shift[c] = static_cast<opmath_t>(x[r0 * channels + c]);
+      const int64_t c0 = partition.channel_begin(task);
+      const int64_t c1 = partition.channel_end(task);
+      for (int64_t c = c0; c < c1; ++c) {
+        shift[c - c0] = static_cast<opmath_t>(x[r0 * channels + c]);
       }
-      std::fill(sum.begin(), sum.end(), acc_t(0));
-      std::fill(sum_sq.begin(), sum_sq.end(), acc_t(0));
-      add_rows<opmath_t>(channels, r0, r1, sum.data(), sum_sq.data(), [&](int64_t r, opmath_t* s1, opmath_t* s2) {
-        const scalar_t* row = x + r * channels;
-        for (int64_t c = 0; c < channels; ++c) {
-          const opmath_t d = static_cast<opmath_t>(row[c]) - shift[c];
-          s1[c] += d;
-          s2[c] += d * d;
+      std::fill(sum, sum + (c1 - c0), acc_t(0));
+      std::fill(sum_sq, sum_sq + (c1 - c0), acc_t(0));
+      const int64_t width = c1 - c0;
+      add_rows<opmath_t>(r0, r1, width, sum, sum_sq, [&](int64_t r, opmath_t* s1, opmath_t* s2) {
+        const scalar_t* row = x + r * channels + c0;
+        for (int64_t j = 0; j < width; ++j) {
+          const opmath_t d = static_cast<opmath_t>(row[j]) - shift[j];
+          s1[j] += d;
+          s2[j] += d * d;
         }
       });
-      for (int64_t c = 0; c < channels; ++c) {
-        part_moments[part * channels + c] =
-            moments_from_shifted_sums<acc_t>(static_cast<acc_t>(r1 - r0), shift[c], sum[c], sum_sq[c]);
+      for (int64_t j = 0; j < width; ++j) {
+        part_moments[part * channels + c0 + j] =
+            moments_from_shifted_sums<acc_t>(static_cast<acc_t>(r1 - r0), shift[j], sum[j], sum_sq[j]);
       }
     }
   });
   std::vector<Moments<acc_t>> total(channels);
-  for (int64_t part = 0; part < partition.num_parts; ++part) {
-    for (int64_t c = 0; c < channels; ++c) {
-      total[c] = merge(total[c], part_moments[part * channels + c]);
+  at::parallel_for(0, channels, kGrainValues / std::max<int64_t>(1, partition.num_parts), [&](int64_t c0, int64_t c1) {
+    for (int64_t part = 0; part < partition.num_parts; ++part) {
+      for (int64_t c = c0; c < c1; ++c) {
+        total[c] = merge(total[c], part_moments[part * channels + c]);
+      }
     }
-  }
+  });
   return total;
 }
 
-// sum(dy) and sum(dy * (x - mean)) of every channel of a rows tensor, by fixed parts.
+// sum(dy) and sum(dy * (x - mean)) of every channel of a rows tensor, by fixed tasks.
 template <typename opmath_t, typename acc_t, typename scalar_t>
 std::pair<std::vector<acc_t>, std::vector<acc_t>> rows_grad_sums(const scalar_t* dy, const scalar_t* x,
                                                                  const Layout& layout, const opmath_t* mean) {
@@ -313,17 +407,22 @@ std::pair<std::vector<acc_t>, std::vector<acc_t>> rows_grad_sums(const scalar_t*
   const RowPartition partition(layout);
   std::vector<acc_t> part_dy(partition.num_parts * channels, acc_t(0));
   std::vector<acc_t> part_dy_xmu(partition.num_parts * channels, acc_t(0));
-  at::parallel_for(0, partition.num_parts, 1, [&](int64_t part_begin, int64_t part_end) {
-    for (int64_t part = part_begin; part < part_end; ++part) {
-      add_rows<opmath_t>(channels, partition.row_begin(part), partition.row_begin(part + 1),
-                         part_dy.data() + part * channels, part_dy_xmu.data() + part * channels,
+  at::parallel_for(0, partition.num_tasks(), 1, [&](int64_t task_begin, int64_t task_end) {
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      const int64_t part = partition.part(task);
+      const int64_t c0 = partition.channel_begin(task);
+      const int64_t c1 = partition.channel_end(task);
+      const int64_t width = c1 - c0;
+      const opmath_t* block_mean = mean + c0;
+      add_rows<opmath_t>(partition.row_begin(part), partition.row_begin(part + 1), width,
+                         part_dy.data() + part * channels + c0, part_dy_xmu.data() + part * channels + c0,
                          [&](int64_t r, opmath_t* sum_dy, opmath_t* sum_dy_xmu) {
-                           const scalar_t* dy_row = dy + r * channels;
-                           const scalar_t* x_row = x + r * channels;
-                           for (int64_t c = 0; c < channels; ++c) {
-                             const opmath_t g = static_cast<opmath_t>(dy_row[c]);
-                             sum_dy[c] += g;
-                             sum_dy_xmu[c] += g * (static_cast<opmath_t>(x_row[c]) - mean[c]);
+                           const scalar_t* dy_row = dy + r * channels + c0;
+                           const scalar_t* x_row = x + r * channels + c0;
+                           for (int64_t j = 0; j < width; ++j) {
+                             const opmath_t g = static_cast<opmath_t>(dy_row[j]);
+                             sum_dy[j] += g;
+                             sum_dy_xmu[j] += g * (static_cast<opmath_t>(x_row[j]) - block_mean[j]);
                            }
                          });
     }
@@ -368,7 +467,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
       // Channel by channel: the normalize pass re-reads the channel while the statistics pass left it in cache.
       at::parallel_for(0, layout.channels, 1, [&](int64_t c_begin, int64_t c_end) {
         for (int64_t c = c_begin; c < c_end; ++c) {
-          const Moments<acc_t> moments = planar_channel_moments<opmath_t, acc_t>(x_data, layout, c);
+          const auto moments = planar_channel_moments(x_data, layout, c);
           const double mean = moments.mean;
           const double invstd = inverse_std(double(moments.m2) / double(moments.count), eps);
           mean_data[c] = static_cast<opmath_t>(mean);
@@ -408,15 +507,16 @@ Tensor batch_norm_eval(const Tensor& input, const Tensor& running_mean, const Te
   const Tensor var_values = channel_values(running_var, layout.channels, 1.0);
   const Tensor weight_values = channel_values(weight, layout.channels, 1.0);
   const Tensor bias_values = channel_values(bias, layout.channels, 0.0);
+  const double* mu = mean_values.const_data_ptr<double>();
+  const double* var = var_values.const_data_ptr<double>();
+  const double* w = weight_values.const_data_ptr<double>();
+  const double* b = bias_values.const_data_ptr<double>();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_eval", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     ChannelAffines<opmath_t> affines(layout.channels);
     for (int64_t c = 0; c < layout.channels; ++c) {
-      const double invstd = inverse_std(var_values.const_data_ptr<double>()[c], eps);
-      affines.set(c, normalize_affine<opmath_t>(mean_values.const_data_ptr<double>()[c], invstd,
-                                                weight_values.const_data_ptr<double>()[c],
-                                                bias_values.const_data_ptr<double>()[c]));
+      affines.set(c, normalize_affine<opmath_t>(mu[c], inverse_std(var[c], eps), w[c], b[c]));
     }
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     scalar_t* y_data = output.mutable_data_ptr<scalar_t>();
@@ -481,7 +581,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
           for (int64_t c = c_begin; c < c_end; ++c) {
             if (need_sums) {
               std::tie(sum_dy[c], sum_dy_xmu[c]) =
-                  planar_channel_grad_sums<opmath_t, acc_t>(dy_data, x_data, layout, c, mean_op[c]);
+                  planar_channel_grad_sums(dy_data, x_data, layout, c, mean_op[c]);
             }
             if (!output_mask[0]) {
               continue;
@@ -576,12 +676,14 @@ void update_running_stats(Tensor& running_mean, Tensor& running_var, const std::
   Tensor new_var = channel_values(running_var, channels, 1.0).clone();
   double* mean_data = new_mean.mutable_data_ptr<double>();
   double* var_data = new_var.mutable_data_ptr<double>();
+  const double* batch_mean_data = batch_mean.const_data_ptr<double>();
+  const double* batch_invstd_data = batch_invstd.const_data_ptr<double>();
   const double unbiased = static_cast<double>(count) / static_cast<double>(count - 1);
   for (int64_t c = 0; c < channels; ++c) {
-    const double invstd = batch_invstd.const_data_ptr<double>()[c];
+    const double invstd = batch_invstd_data[c];
     // The biased variance behind invstd, in float64; never negative after rounding.
     const double biased_var = std::max(0.0, 1.0 / (invstd * invstd) - eps);
-    mean_data[c] = running_average(mean_data[c], batch_mean.const_data_ptr<double>()[c], factor);
+    mean_data[c] = running_average(mean_data[c], batch_mean_data[c], factor);
     var_data[c] = running_average(var_data[c], biased_var * unbiased, factor);
   }
   running_mean.copy_(new_mean.reshape(running_mean.sizes()));
