@@ -83,3 +83,12 @@ def test_results_do_not_depend_on_thread_count(shape, layout, dtype):
     for other in outputs[1:]:
         for got, expected in zip(other, outputs[0]):
             assert torch.equal(got, expected)
+
+
+def test_one_openmp_runtime_in_the_process():
+    """bnext's parallel loops run on torch's own OpenMP runtime, not a second one."""
+    import re
+
+    with open("/proc/self/maps") as maps:
+        runtimes = set(re.findall(r"/\S*lib(?:gomp|iomp5|omp)[^/\s]*\.so[^/\s]*", maps.read()))
+    assert len(runtimes) == 1, runtimes
