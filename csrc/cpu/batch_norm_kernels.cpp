@@ -6,8 +6,10 @@
 //           (N, C, L) view of an (N, L, C) tensor.
 // Any other strided input is made contiguous first.
 //
-// Sums accumulate in torch's CPU accumulation type (float64 for float32 and float64 input, float32
-// for float16 and bfloat16); the elementwise passes compute in the input's op-math type. Reductions
+// Inner loops use at::vec SIMD (AVX-512 or AVX2, chosen at build time). Sums run in the compute
+// type in short stretches and accumulate in torch's CPU accumulation type (float64 for float32 and
+// float64 input, float32 for float16 and bfloat16). Statistics use sums shifted by a value of the
+// channel (no E[x^2] - E[x]^2 cancellation), merged across parts with Chan's formula. Reductions
 // use a partition fixed by the shape alone and merge in a fixed order, so results do not depend on
 // the number of threads.
 #include "../batch_norm_checks.h"
@@ -35,8 +37,6 @@ namespace {
 
 using at::Tensor;
 
-// Independent accumulators per sum: the compiler vectorizes across them without reassociating.
-constexpr int64_t kLanes = 16;
 // Sums run in the compute type (float for float32) for this many terms per accumulator, then are
 // added into the accumulation type (double for float32): fast loops, no long float sums.
 constexpr int64_t kFlushEvery = 8;
