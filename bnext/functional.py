@@ -1,7 +1,7 @@
 """bnext.batch_norm: torch.nn.functional.batch_norm on the bnext operators."""
 import torch
 
-from .ops import ops
+from .ops import call, ops
 
 
 def _check_device(input, tensor, name):
@@ -25,13 +25,13 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     ]:
         _check_device(input, tensor, name)
     if not training:
-        return ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
+        return call(ops.batch_norm_eval.default, input, running_mean, running_var, weight, bias, eps)
     if running_mean is not None and momentum is None and num_batches_tracked is None:
         raise TypeError("bnext batch_norm: momentum=None (cumulative average) needs num_batches_tracked")
-    output, save_mean, save_invstd = ops.batch_norm_train(input, weight, bias, eps)
+    output, save_mean, save_invstd = call(ops.batch_norm_train.default, input, weight, bias, eps)
     if running_mean is not None:
         count = input.numel() // input.shape[1] if input.shape[1] else 0
-        ops.update_running_stats(
+        ops.update_running_stats.default(
             running_mean, running_var, num_batches_tracked, save_mean, save_invstd, eps, count, momentum
         )
     return output

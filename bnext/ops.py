@@ -57,6 +57,22 @@ def _masked(grads, mask):
     return tuple(grad if wanted else None for grad, wanted in zip(grads, mask))
 
 
+def call(op, *args):
+    """op(*args), straight to the kernel when no gradient can flow.
+
+    register_autograd's layer runs in Python at every call (tens of microseconds), even where it
+    only forwards the call: under no_grad, in backward without create_graph, or with no input
+    requiring grad. Those calls skip it; traced calls (torch.compile) keep the normal path.
+    """
+    needs_autograd = torch.is_grad_enabled() and any(
+        isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args
+    )
+    if needs_autograd or torch.compiler.is_compiling():
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def _train_setup_context(ctx, inputs, output):
     input, weight, _, _ = inputs
     _, save_mean, save_invstd = output
@@ -67,7 +83,7 @@ def _train_setup_context(ctx, inputs, output):
 def _train_backward(ctx, grad_output, _grad_mean, _grad_invstd):
     input, weight, save_mean, save_invstd = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:3])
-    grads = ops.batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, True, mask)
+    grads = call(ops.batch_norm_backward.default, grad_output, input, weight, save_mean, save_invstd, True, mask)
     return (*_masked(grads, mask), None)
 
 
@@ -83,7 +99,7 @@ def _eval_backward(ctx, grad_output):
     needs = ctx.needs_input_grad
     mask = [needs[0], needs[3], needs[4]]
     grad_input, grad_weight, grad_bias = _masked(
-        ops.batch_norm_backward(grad_output, input, weight, running_mean, invstd, False, mask), mask
+        call(ops.batch_norm_backward.default, grad_output, input, weight, running_mean, invstd, False, mask), mask
     )
     return grad_input, None, None, grad_weight, grad_bias, None
 

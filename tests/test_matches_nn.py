@@ -152,3 +152,21 @@ def test_nan_stays_in_its_channel(layout):
     assert torch.isnan(y[:, 1]).all()
     assert not torch.isnan(y[:, [0, 2]]).any()
     torch.testing.assert_close(y[:, [0, 2]], reference(x)[:, [0, 2]])
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_no_grad_and_inference_mode_match_nn(layout, context):
+    """Calls that need no gradient take the short path to the kernels: same results, no graph."""
+    reference, candidate = module_pair(4, 5, torch.float32)
+    for step, training in enumerate([True, True, False]):
+        reference.train(training)
+        candidate.train(training)
+        x = make_input((3, 5, 4, 6), torch.float32, layout, seed=step).requires_grad_()
+        with context():
+            y_ref = reference(x)
+            y_new = candidate(x)
+        assert y_new.grad_fn is None and not y_new.requires_grad
+        assert_close(y_new, y_ref, torch.float32, msg=f"step {step}")
+        for (name, b_ref), (_, b_new) in zip(reference.named_buffers(), candidate.named_buffers()):
+            assert_close(b_new.float(), b_ref.float(), torch.float32, msg=name)

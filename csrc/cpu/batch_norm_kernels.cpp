@@ -59,8 +59,23 @@ struct Layout {
   int64_t num_rows;  // rows: values per channel
 };
 
+// Channel fastest, then the other dims in order: (N, *, C) contiguous in memory.
 bool is_rows_layout(const Tensor& t) {
-  return t.movedim(1, -1).is_contiguous();
+  int64_t expected_stride = 1;
+  const auto dense = [&](int64_t dim) {
+    const bool ok = t.size(dim) == 1 || t.stride(dim) == expected_stride;
+    expected_stride *= t.size(dim);
+    return ok;
+  };
+  if (!dense(1)) {
+    return false;
+  }
+  for (int64_t dim = t.dim() - 1; dim >= 2; --dim) {
+    if (!dense(dim)) {
+      return false;
+    }
+  }
+  return dense(0);
 }
 
 // The tensor a kernel reads (input itself unless it is neither layout) and its layout.
@@ -81,15 +96,47 @@ Tensor as_layout(const Tensor& t, const Layout& layout) {
   return t.contiguous();
 }
 
-// Per-channel values as a contiguous float64 tensor; `fill` where the tensor is absent.
-Tensor channel_values(const std::optional<Tensor>& t, int64_t channels, double fill) {
-  if (t.has_value() && t->defined()) {
-    return t->reshape({channels}).to(at::kDouble).contiguous();
-  }
-  return at::empty({channels}, at::TensorOptions().dtype(at::kDouble)).fill_(fill);
+// A per-channel tensor (C values of any shape) as one strided run: its data and stride.
+Tensor channel_run(const Tensor& t) {
+  return t.dim() <= 1 || t.is_contiguous() ? t : t.contiguous();
 }
 
-// SIMD vectors of the compute type, loaded from and stored to the input's type.
+int64_t channel_stride(const Tensor& run) {
+  return run.dim() == 1 ? run.stride(0) : 1;
+}
+
+// The C values of a per-channel tensor as float64; `fill` where the tensor is absent.
+std::vector<double> read_channels(const std::optional<Tensor>& t, int64_t channels, double fill) {
+  std::vector<double> values(channels, fill);
+  if (!t.has_value() || !t->defined()) {
+    return values;
+  }
+  const Tensor run = channel_run(*t);
+  const int64_t stride = channel_stride(run);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, run.scalar_type(), "bnext_read_channels", [&] {
+    const scalar_t* data = run.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < channels; ++c) {
+      values[c] = static_cast<double>(data[c * stride]);
+    }
+  });
+  return values;
+}
+
+// Writes float64 per-channel values into `t`, in place, in its own dtype.
+void write_channels(const Tensor& t, const std::vector<double>& values) {
+  Tensor run = channel_run(t);
+  const int64_t stride = channel_stride(run);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, run.scalar_type(), "bnext_write_channels", [&] {
+    scalar_t* data = run.mutable_data_ptr<scalar_t>();
+    for (size_t c = 0; c < values.size(); ++c) {
+      data[c * stride] = static_cast<scalar_t>(values[c]);
+    }
+  });
+  if (!run.is_same(t)) {
+    t.copy_(run);
+  }
+}
+
 template <typename scalar_t>
 using OpVec = at::vec::Vectorized<at::opmath_type<scalar_t>>;
 
@@ -451,10 +498,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
     save_invstd.zero_();
     return {output, save_mean, save_invstd};
   }
-  const Tensor weight_values = channel_values(weight, layout.channels, 1.0);
-  const Tensor bias_values = channel_values(bias, layout.channels, 0.0);
-  const double* w = weight_values.const_data_ptr<double>();
-  const double* b = bias_values.const_data_ptr<double>();
+  const std::vector<double> weight_values = read_channels(weight, layout.channels, 1.0);
+  const std::vector<double> bias_values = read_channels(bias, layout.channels, 0.0);
+  const double* w = weight_values.data();
+  const double* b = bias_values.data();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_train", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -503,14 +550,14 @@ Tensor batch_norm_eval(const Tensor& input, const Tensor& running_mean, const Te
   if (x.numel() == 0) {
     return output;
   }
-  const Tensor mean_values = channel_values(running_mean, layout.channels, 0.0);
-  const Tensor var_values = channel_values(running_var, layout.channels, 1.0);
-  const Tensor weight_values = channel_values(weight, layout.channels, 1.0);
-  const Tensor bias_values = channel_values(bias, layout.channels, 0.0);
-  const double* mu = mean_values.const_data_ptr<double>();
-  const double* var = var_values.const_data_ptr<double>();
-  const double* w = weight_values.const_data_ptr<double>();
-  const double* b = bias_values.const_data_ptr<double>();
+  const std::vector<double> mean_values = read_channels(running_mean, layout.channels, 0.0);
+  const std::vector<double> var_values = read_channels(running_var, layout.channels, 1.0);
+  const std::vector<double> weight_values = read_channels(weight, layout.channels, 1.0);
+  const std::vector<double> bias_values = read_channels(bias, layout.channels, 0.0);
+  const double* mu = mean_values.data();
+  const double* var = var_values.data();
+  const double* w = weight_values.data();
+  const double* b = bias_values.data();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_eval", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -529,11 +576,11 @@ Tensor batch_norm_eval(const Tensor& input, const Tensor& running_mean, const Te
   return output;
 }
 
-// Writes per-channel float64 values into a new tensor of `dtype`.
+// A new per-channel tensor of `options` holding float64 values.
 Tensor channel_tensor(const std::vector<double>& values, const at::TensorOptions& options) {
-  Tensor out = at::empty({static_cast<int64_t>(values.size())}, options.dtype(at::kDouble));
-  std::copy(values.begin(), values.end(), out.mutable_data_ptr<double>());
-  return out.to(options.dtype());
+  Tensor out = at::empty({static_cast<int64_t>(values.size())}, options);
+  write_channels(out, values);
+  return out;
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output, const Tensor& input,
@@ -552,12 +599,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
   const int64_t channels = layout.channels;
   std::vector<double> sum_dy(channels, 0.0);
   std::vector<double> sum_dy_xmu(channels, 0.0);
-  const Tensor weight_values = channel_values(weight, channels, 1.0);
-  const Tensor mean_values = channel_values(mean, channels, 0.0);
-  const Tensor invstd_values = channel_values(invstd, channels, 1.0);
-  const double* w = weight_values.const_data_ptr<double>();
-  const double* mu = mean_values.const_data_ptr<double>();
-  const double* is = invstd_values.const_data_ptr<double>();
+  const std::vector<double> weight_values = read_channels(weight, channels, 1.0);
+  const std::vector<double> mean_values = read_channels(mean, channels, 0.0);
+  const std::vector<double> invstd_values = read_channels(invstd, channels, 1.0);
+  const double* w = weight_values.data();
+  const double* mu = mean_values.data();
+  const double* is = invstd_values.data();
 
   if (x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_backward", [&] {
@@ -670,24 +717,19 @@ void update_running_stats(Tensor& running_mean, Tensor& running_var, const std::
     return;  // an empty batch has no statistics; nn.BatchNorm leaves the running stats as they were
   }
   const int64_t channels = save_mean.numel();
-  const Tensor batch_mean = channel_values(save_mean, channels, 0.0);
-  const Tensor batch_invstd = channel_values(save_invstd, channels, 1.0);
-  Tensor new_mean = channel_values(running_mean, channels, 0.0).clone();
-  Tensor new_var = channel_values(running_var, channels, 1.0).clone();
-  double* mean_data = new_mean.mutable_data_ptr<double>();
-  double* var_data = new_var.mutable_data_ptr<double>();
-  const double* batch_mean_data = batch_mean.const_data_ptr<double>();
-  const double* batch_invstd_data = batch_invstd.const_data_ptr<double>();
+  const std::vector<double> batch_mean = read_channels(save_mean, channels, 0.0);
+  const std::vector<double> batch_invstd = read_channels(save_invstd, channels, 1.0);
+  std::vector<double> new_mean = read_channels(running_mean, channels, 0.0);
+  std::vector<double> new_var = read_channels(running_var, channels, 1.0);
   const double unbiased = static_cast<double>(count) / static_cast<double>(count - 1);
   for (int64_t c = 0; c < channels; ++c) {
-    const double invstd = batch_invstd_data[c];
     // The biased variance behind invstd, in float64; never negative after rounding.
-    const double biased_var = std::max(0.0, 1.0 / (invstd * invstd) - eps);
-    mean_data[c] = running_average(mean_data[c], batch_mean_data[c], factor);
-    var_data[c] = running_average(var_data[c], biased_var * unbiased, factor);
+    const double biased_var = std::max(0.0, 1.0 / (batch_invstd[c] * batch_invstd[c]) - eps);
+    new_mean[c] = running_average(new_mean[c], batch_mean[c], factor);
+    new_var[c] = running_average(new_var[c], biased_var * unbiased, factor);
   }
-  running_mean.copy_(new_mean.reshape(running_mean.sizes()));
-  running_var.copy_(new_var.reshape(running_var.sizes()));
+  write_channels(running_mean, new_mean);
+  write_channels(running_var, new_var);
 }
 
 }  // namespace
