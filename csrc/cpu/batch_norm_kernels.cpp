@@ -1,10 +1,6 @@
 // CPU kernels of the torch.ops.bnext operators, parallel with at::parallel_for (OpenMP).
 //
-// Two memory layouts, each with its own loops and no conversion copy:
-//   planar: contiguous (N, C, *): each (n, c) is one run of `inner` values (NCHW, NCL, NCDHW);
-//   rows:   channel fastest, (rows, C) in memory: channels_last, channels_last_3d, (N, C), and a
-//           (N, C, L) view of an (N, L, C) tensor.
-// Any other strided input is made contiguous first.
+// Each memory layout of batch_norm_layout.h has its own loops and no conversion copy.
 //
 // Inner loops use at::vec SIMD (AVX-512 or AVX2, chosen at build time). Sums run in the compute
 // type in short stretches and accumulate in torch's CPU accumulation type (float64 for float32 and
@@ -13,6 +9,7 @@
 // use a partition fixed by the shape alone and merge in a fixed order, so results do not depend on
 // the number of threads.
 #include "../batch_norm_checks.h"
+#include "../batch_norm_layout.h"
 #include "../batch_norm_math.h"
 
 #include <ATen/AccumulateType.h>
@@ -50,51 +47,6 @@ constexpr int64_t kMinPartValues = 16384;
 constexpr int64_t kMinPartRows = 64;
 // Channels of a rows tensor reduced together by one task.
 constexpr int64_t kChannelBlock = 2048;
-
-struct Layout {
-  bool rows;
-  int64_t channels;
-  int64_t batch;     // planar: N
-  int64_t inner;     // planar: values per (n, c)
-  int64_t num_rows;  // rows: values per channel
-};
-
-// Channel fastest, then the other dims in order: (N, *, C) contiguous in memory.
-bool is_rows_layout(const Tensor& t) {
-  int64_t expected_stride = 1;
-  const auto dense = [&](int64_t dim) {
-    const bool ok = t.size(dim) == 1 || t.stride(dim) == expected_stride;
-    expected_stride *= t.size(dim);
-    return ok;
-  };
-  if (!dense(1)) {
-    return false;
-  }
-  for (int64_t dim = t.dim() - 1; dim >= 2; --dim) {
-    if (!dense(dim)) {
-      return false;
-    }
-  }
-  return dense(0);
-}
-
-// The tensor a kernel reads (input itself unless it is neither layout) and its layout.
-std::pair<Tensor, Layout> kernel_view(const Tensor& input) {
-  const Tensor x = is_rows_layout(input) || input.is_contiguous() ? input : input.contiguous();
-  const int64_t channels = num_channels(x);
-  const int64_t per_channel = values_per_channel(x);
-  const bool rows = is_rows_layout(x);
-  const int64_t batch = x.size(0);
-  return {x, Layout{rows, channels, batch, batch == 0 ? 0 : per_channel / batch, per_channel}};
-}
-
-// Same layout as `reference` (its strides), for a tensor such as grad_output that may differ.
-Tensor as_layout(const Tensor& t, const Layout& layout) {
-  if (layout.rows) {
-    return is_rows_layout(t) ? t : t.movedim(1, -1).contiguous().movedim(-1, 1);
-  }
-  return t.contiguous();
-}
 
 // A per-channel tensor (C values of any shape) as one strided run: its data and stride.
 Tensor channel_run(const Tensor& t) {
