@@ -3,8 +3,9 @@ import glob
 import os
 import subprocess
 
+import torch
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 # BNEXT_CPU_ARCH=native (default) tunes the CPU kernels for the building machine; set it to a
 # portable target (e.g. x86-64-v2) when the built package will run on other machines.
@@ -28,21 +29,37 @@ def simd_capability(arch):
     return None
 
 
+def build_cuda():
+    """The CUDA backend is built when torch has CUDA and a toolkit is found; BNEXT_CUDA=0/1 forces it."""
+    forced = os.environ.get("BNEXT_CUDA")
+    if forced is not None:
+        return forced == "1"
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
 capability = simd_capability(CPU_ARCH)
 cxx_flags = ["-O3", "-fopenmp", f"-march={CPU_ARCH}", "-DPy_LIMITED_API=0x030A0000"]
 if capability:
     cxx_flags += [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
+sources = ["csrc/bnext.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+extension = CppExtension
+compile_args = {"cxx": cxx_flags}
+if build_cuda():
+    # TORCH_CUDA_ARCH_LIST picks the GPU architectures, as for any torch extension.
+    extension = CUDAExtension
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-DPy_LIMITED_API=0x030A0000"]
 
 setup(
     name="bnext",
     version="0.1.0",
-    description="Batch normalization for PyTorch in native CPU kernels, drop-in for torch.nn.BatchNorm",
+    description="Batch normalization for PyTorch in native CPU and CUDA kernels, drop-in for torch.nn.BatchNorm",
     packages=find_packages(include=["bnext", "bnext.*"]),
     ext_modules=[
-        CppExtension(
+        extension(
             "bnext._C",
-            ["csrc/bnext.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))],
-            extra_compile_args={"cxx": cxx_flags},
+            sources,
+            extra_compile_args=compile_args,
             extra_link_args=["-fopenmp"],
             py_limited_api=True,
         )

@@ -28,6 +28,15 @@ C10_HOST_DEVICE inline Moments<acc_t> merge(const Moments<acc_t>& a, const Momen
   return {count, a.mean + delta * b_share, a.m2 + b.m2 + delta * delta * a.count * b_share};
 }
 
+// Adds one value to moments (Welford's update).
+template <typename acc_t>
+C10_HOST_DEVICE inline void add_value(Moments<acc_t>& m, acc_t x) {
+  m.count += acc_t(1);
+  const acc_t delta = x - m.mean;
+  m.mean += delta / m.count;
+  m.m2 += delta * (x - m.mean);
+}
+
 // Moments of `count` values from the sums of d = x - shift and of d^2 (the shifted-data algorithm:
 // with the shift one of the values, its sums carry no catastrophic cancellation).
 template <typename acc_t>

@@ -1,0 +1,508 @@
+// CUDA kernels of the torch.ops.bnext operators: the same schemas as the CPU backend, the same
+// per-channel math (../batch_norm_math.h), argument checks and memory layouts.
+//
+// Reductions split each channel over many blocks, so that a layer with few channels and many
+// values still fills the GPU: each block reduces a slice of one channel (planar) or a band of rows
+// for 32 channels (rows), merging per-thread Welford moments by warp shuffles and shared memory;
+// a small kernel then merges the slices of each channel in order (Chan) and computes the
+// per-channel coefficients the elementwise pass uses. Nothing reads a value back to the host.
+#include "../batch_norm_checks.h"
+#include "../batch_norm_layout.h"
+#include "../batch_norm_math.h"
+
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+
+namespace bnext::cuda {
+namespace {
+
+using at::Tensor;
+
+constexpr int kThreads = 256;
+constexpr int kWarp = 32;
+// Rows kernels: 32 channels across a warp (coalesced), kRowLanes rows per block in parallel.
+constexpr int kRowLanes = kThreads / kWarp;
+// Values of one channel per reduction block, and the most blocks one channel is split into.
+constexpr int64_t kValuesPerBlock = 16384;
+constexpr int64_t kMaxSplits = 1024;
+// Grid of the elementwise passes (grid-stride loops).
+constexpr int64_t kMaxElementwiseBlocks = 65535;
+
+// Two per-channel sums: of dy, and of dy * (x - mean).
+template <typename acc_t>
+struct GradSums {
+  acc_t dy = 0;
+  acc_t dy_xmu = 0;
+};
+
+template <typename acc_t>
+__device__ Moments<acc_t> combine(const Moments<acc_t>& a, const Moments<acc_t>& b) {
+  return merge(a, b);
+}
+
+template <typename acc_t>
+__device__ GradSums<acc_t> combine(const GradSums<acc_t>& a, const GradSums<acc_t>& b) {
+  return {a.dy + b.dy, a.dy_xmu + b.dy_xmu};
+}
+
+template <typename acc_t>
+__device__ Moments<acc_t> shuffle_down(const Moments<acc_t>& m, int offset) {
+  return {__shfl_down_sync(0xffffffff, m.count, offset), __shfl_down_sync(0xffffffff, m.mean, offset),
+          __shfl_down_sync(0xffffffff, m.m2, offset)};
+}
+
+template <typename acc_t>
+__device__ GradSums<acc_t> shuffle_down(const GradSums<acc_t>& s, int offset) {
+  return {__shfl_down_sync(0xffffffff, s.dy, offset), __shfl_down_sync(0xffffffff, s.dy_xmu, offset)};
+}
+
+// Merge of every thread's state of a 1-D block of kThreads threads; the result is in thread 0.
+template <typename State>
+__device__ State block_combine(State state) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    state = combine(state, shuffle_down(state, offset));
+  }
+  __shared__ alignas(16) unsigned char storage[sizeof(State) * (kThreads / kWarp)];
+  State* warp_states = reinterpret_cast<State*>(storage);
+  const int warp = threadIdx.x / kWarp;
+  if (threadIdx.x % kWarp == 0) {
+    warp_states[warp] = state;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kThreads / kWarp; ++w) {
+      state = combine(state, warp_states[w]);
+    }
+  }
+  return state;
+}
+
+// Merge over threadIdx.y of a (kWarp, kRowLanes) block; the result is in the threads with y = 0.
+template <typename State>
+__device__ State column_combine(State state) {
+  __shared__ alignas(16) unsigned char storage[sizeof(State) * kThreads];
+  State* states = reinterpret_cast<State*>(storage);
+  states[threadIdx.y * kWarp + threadIdx.x] = state;
+  __syncthreads();
+  if (threadIdx.y == 0) {
+    for (int y = 1; y < kRowLanes; ++y) {
+      state = combine(state, states[y * kWarp + threadIdx.x]);
+    }
+  }
+  return state;
+}
+
+// The slice [begin, end) of `total` values that split `split` of `splits` reduces.
+struct Slice {
+  int64_t begin;
+  int64_t end;
+};
+
+__device__ Slice slice_of(int64_t total, int64_t split, int64_t splits) {
+  const int64_t size = (total + splits - 1) / splits;
+  return {split * size, std::min(total, (split + 1) * size)};
+}
+
+// Per-value state update: a Welford step for the statistics, two sums for the gradients.
+template <typename scalar_t, typename acc_t>
+struct MomentsOf {
+  const scalar_t* x;
+  __device__ void add(Moments<acc_t>& state, int64_t index, int64_t) const {
+    add_value(state, static_cast<acc_t>(x[index]));
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct GradSumsOf {
+  const scalar_t* dy;
+  const scalar_t* x;
+  const acc_t* mean;
+  __device__ void add(GradSums<acc_t>& state, int64_t index, int64_t c) const {
+    const acc_t g = static_cast<acc_t>(dy[index]);
+    state.dy += g;
+    state.dy_xmu += g * (static_cast<acc_t>(x[index]) - mean[c]);
+  }
+};
+
+// Planar: block (c, split) reduces a slice of channel c's batch * inner values.
+template <typename State, typename Source>
+__global__ void planar_partials(Source source, int64_t channels, int64_t inner, int64_t per_channel,
+                                int64_t splits, State* partials) {
+  const int64_t c = blockIdx.x;
+  const int64_t split = blockIdx.y;
+  const Slice slice = slice_of(per_channel, split, splits);
+  State state{};
+  for (int64_t k = slice.begin + threadIdx.x; k < slice.end; k += kThreads) {
+    const int64_t n = k / inner;
+    source.add(state, (n * channels + c) * inner + (k - n * inner), c);
+  }
+  state = block_combine(state);
+  if (threadIdx.x == 0) {
+    partials[c * splits + split] = state;
+  }
+}
+
+// Rows: block (channel group, split) reduces a band of rows for kWarp channels.
+template <typename State, typename Source>
+__global__ void rows_partials(Source source, int64_t channels, int64_t num_rows, int64_t splits, State* partials) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarp + threadIdx.x;
+  const int64_t split = blockIdx.y;
+  const Slice slice = slice_of(num_rows, split, splits);
+  State state{};
+  if (c < channels) {
+    for (int64_t r = slice.begin + threadIdx.y; r < slice.end; r += kRowLanes) {
+      source.add(state, r * channels + c, c);
+    }
+  }
+  state = column_combine(state);
+  if (threadIdx.y == 0 && c < channels) {
+    partials[c * splits + split] = state;
+  }
+}
+
+// How many blocks each channel's reduction is split into: a function of the shape only, so
+// results do not depend on the device.
+int64_t num_splits(const Layout& layout) {
+  return std::clamp<int64_t>((layout.num_rows + kValuesPerBlock - 1) / kValuesPerBlock, 1, kMaxSplits);
+}
+
+// Per-channel partial states of `source` over the whole tensor: [channels][splits].
+template <typename State, typename Source>
+void launch_partials(const Layout& layout, const Source& source, int64_t splits, State* partials,
+                     cudaStream_t stream) {
+  if (layout.rows) {
+    const dim3 grid((layout.channels + kWarp - 1) / kWarp, splits);
+    rows_partials<State><<<grid, dim3(kWarp, kRowLanes), 0, stream>>>(source, layout.channels, layout.num_rows,
+                                                                         splits, partials);
+  } else {
+    const dim3 grid(layout.channels, splits);  // channels on x: up to 2^31 - 1 of them
+    planar_partials<State><<<grid, kThreads, 0, stream>>>(source, layout.channels, layout.inner, layout.num_rows,
+                                                          splits, partials);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Merges each channel's partial moments in order; writes the saved statistics and the
+// normalize coefficients [center | scale | shift].
+template <typename acc_t>
+__global__ void finish_moments(const Moments<acc_t>* partials, int64_t channels, int64_t splits, acc_t eps,
+                               const acc_t* weight, const acc_t* bias, acc_t* save_mean, acc_t* save_invstd,
+                               acc_t* affine) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= channels) {
+    return;
+  }
+  Moments<acc_t> moments;
+  for (int64_t split = 0; split < splits; ++split) {
+    moments = merge(moments, partials[c * splits + split]);
+  }
+  const acc_t invstd = inverse_std(moments.m2 / moments.count, eps);
+  save_mean[c] = moments.mean;
+  save_invstd[c] = invstd;
+  const Affine<acc_t> a = normalize_affine<acc_t>(moments.mean, invstd, weight ? weight[c] : acc_t(1),
+                                                  bias ? bias[c] : acc_t(0));
+  affine[c] = a.center;
+  affine[channels + c] = a.scale;
+  affine[2 * channels + c] = a.shift;
+}
+
+// Normalize coefficients from running statistics (eval).
+template <typename acc_t>
+__global__ void running_affine(const acc_t* running_mean, const acc_t* running_var, int64_t channels, acc_t eps,
+                               const acc_t* weight, const acc_t* bias, acc_t* affine) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= channels) {
+    return;
+  }
+  const Affine<acc_t> a = normalize_affine<acc_t>(running_mean[c], inverse_std(running_var[c], eps),
+                                                  weight ? weight[c] : acc_t(1), bias ? bias[c] : acc_t(0));
+  affine[c] = a.center;
+  affine[channels + c] = a.scale;
+  affine[2 * channels + c] = a.shift;
+}
+
+// Merges each channel's gradient sums; writes grad_weight, grad_bias and the input-gradient
+// coefficients [dy_scale | xmu_scale | shift].
+template <typename acc_t>
+__global__ void finish_grad_sums(const GradSums<acc_t>* partials, int64_t channels, int64_t splits, acc_t count,
+                                 bool training, const acc_t* weight, const acc_t* invstd, acc_t* grad_weight,
+                                 acc_t* grad_bias, acc_t* coefficients) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= channels) {
+    return;
+  }
+  GradSums<acc_t> sums;
+  for (int64_t split = 0; split < splits; ++split) {
+    sums = combine(sums, partials[c * splits + split]);
+  }
+  grad_weight[c] = sums.dy_xmu * invstd[c];
+  grad_bias[c] = sums.dy;
+  const InputGradient<acc_t> g =
+      input_gradient(invstd[c], weight ? weight[c] : acc_t(1), sums.dy, sums.dy_xmu, count, training);
+  coefficients[c] = g.dy_scale;
+  coefficients[channels + c] = g.xmu_scale;
+  coefficients[2 * channels + c] = g.shift;
+}
+
+__device__ int64_t channel_of(int64_t index, int64_t channels, int64_t inner) {
+  return (index / inner) % channels;
+}
+
+// y = (x - center) * scale + shift, channel by channel.
+template <typename scalar_t, typename acc_t>
+__global__ void normalize(const scalar_t* x, scalar_t* y, int64_t numel, int64_t channels, int64_t inner,
+                          const acc_t* affine) {
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < numel;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = channel_of(k, channels, inner);
+    y[k] = static_cast<scalar_t>((static_cast<acc_t>(x[k]) - affine[c]) * affine[channels + c] +
+                                 affine[2 * channels + c]);
+  }
+}
+
+// dx = dy * dy_scale + (x - mean) * xmu_scale + shift, channel by channel.
+template <typename scalar_t, typename acc_t>
+__global__ void input_grad(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t numel, int64_t channels,
+                           int64_t inner, const acc_t* mean, const acc_t* coefficients) {
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < numel;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = channel_of(k, channels, inner);
+    const acc_t xmu = static_cast<acc_t>(x[k]) - mean[c];
+    dx[k] = static_cast<scalar_t>(static_cast<acc_t>(dy[k]) * coefficients[c] +
+                                  (xmu * coefficients[channels + c] + coefficients[2 * channels + c]));
+  }
+}
+
+int64_t elementwise_blocks(int64_t numel) {
+  return std::clamp<int64_t>((numel + kThreads - 1) / kThreads, 1, kMaxElementwiseBlocks);
+}
+
+int64_t channel_blocks(int64_t channels) {
+  return std::max<int64_t>(1, (channels + kThreads - 1) / kThreads);
+}
+
+// Index of a value's channel in the flat index: planar divides by inner, rows (inner 1) does not.
+int64_t flat_inner(const Layout& layout) {
+  return layout.rows ? 1 : layout.inner;
+}
+
+at::ScalarType acc_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A per-channel tensor as a contiguous tensor of the accumulation type, on the device (no sync).
+Tensor channel_values(const std::optional<Tensor>& t, int64_t channels, at::ScalarType dtype) {
+  if (!t.has_value() || !t->defined()) {
+    return Tensor();
+  }
+  return t->reshape({channels}).to(dtype).contiguous();
+}
+
+template <typename acc_t>
+const acc_t* data_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
+}
+
+void check_cuda(const Tensor& input) {
+  TORCH_CHECK(input.is_cuda(), "bnext batch_norm (CUDA): input must be a CUDA tensor, got ", input.device());
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const std::optional<Tensor>& weight,
+                                                    const std::optional<Tensor>& bias, double eps) {
+  check_cuda(input);
+  check_train_args(input, weight, bias, eps);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto [x, layout] = kernel_view(input);
+  const auto stats_dtype = acc_dtype(input.scalar_type());
+  Tensor output = at::empty_like(x);
+  Tensor save_mean = at::empty({layout.channels}, input.options().dtype(stats_dtype));
+  Tensor save_invstd = at::empty({layout.channels}, input.options().dtype(stats_dtype));
+  if (layout.num_rows == 0) {
+    save_mean.zero_();
+    save_invstd.zero_();
+    return {output, save_mean, save_invstd};
+  }
+  const Tensor weight_values = channel_values(weight, layout.channels, stats_dtype);
+  const Tensor bias_values = channel_values(bias, layout.channels, stats_dtype);
+  const int64_t splits = num_splits(layout);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_train_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+    Tensor partials = at::empty({layout.channels * splits * 3}, input.options().dtype(stats_dtype));
+    Tensor affine = at::empty({3 * layout.channels}, input.options().dtype(stats_dtype));
+    auto* moments = reinterpret_cast<Moments<acc_t>*>(partials.mutable_data_ptr<acc_t>());
+    launch_partials(layout, MomentsOf<scalar_t, acc_t>{x.const_data_ptr<scalar_t>()}, splits, moments, stream);
+    finish_moments<acc_t><<<channel_blocks(layout.channels), kThreads, 0, stream>>>(
+        moments, layout.channels, splits, static_cast<acc_t>(eps), data_or_null<acc_t>(weight_values),
+        data_or_null<acc_t>(bias_values), save_mean.mutable_data_ptr<acc_t>(), save_invstd.mutable_data_ptr<acc_t>(),
+        affine.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    normalize<scalar_t, acc_t><<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), x.numel(), layout.channels,
+        flat_inner(layout), affine.const_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {output, save_mean, save_invstd};
+}
+
+Tensor batch_norm_eval(const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
+                       const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps) {
+  check_cuda(input);
+  check_eval_args(input, running_mean, running_var, weight, bias, eps);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto [x, layout] = kernel_view(input);
+  Tensor output = at::empty_like(x);
+  if (x.numel() == 0) {
+    return output;
+  }
+  const auto stats_dtype = acc_dtype(input.scalar_type());
+  const Tensor mean_values = channel_values(running_mean, layout.channels, stats_dtype);
+  const Tensor var_values = channel_values(running_var, layout.channels, stats_dtype);
+  const Tensor weight_values = channel_values(weight, layout.channels, stats_dtype);
+  const Tensor bias_values = channel_values(bias, layout.channels, stats_dtype);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_eval_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+    Tensor affine = at::empty({3 * layout.channels}, input.options().dtype(stats_dtype));
+    running_affine<acc_t><<<channel_blocks(layout.channels), kThreads, 0, stream>>>(
+        mean_values.const_data_ptr<acc_t>(), var_values.const_data_ptr<acc_t>(), layout.channels,
+        static_cast<acc_t>(eps), data_or_null<acc_t>(weight_values), data_or_null<acc_t>(bias_values),
+        affine.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    normalize<scalar_t, acc_t><<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), x.numel(), layout.channels,
+        flat_inner(layout), affine.const_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return output;
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output, const Tensor& input,
+                                                       const std::optional<Tensor>& weight, const Tensor& mean,
+                                                       const Tensor& invstd, bool training,
+                                                       std::array<bool, 3> output_mask) {
+  check_cuda(input);
+  check_backward_args(grad_output, input, weight, mean, invstd);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto [x, layout] = kernel_view(input);
+  const Tensor dy = as_layout(grad_output, layout);
+  const bool has_weight = weight.has_value() && weight->defined();
+  const auto param_options = has_weight ? weight->options() : input.options();
+  const auto stats_dtype = acc_dtype(input.scalar_type());
+  Tensor grad_input = output_mask[0] ? at::empty_like(x) : at::empty({0}, input.options());
+  Tensor grad_weight_acc = at::zeros({layout.channels}, input.options().dtype(stats_dtype));
+  Tensor grad_bias_acc = at::zeros({layout.channels}, input.options().dtype(stats_dtype));
+
+  if (x.numel() > 0) {
+    const Tensor weight_values = channel_values(weight, layout.channels, stats_dtype);
+    const Tensor mean_values = channel_values(mean, layout.channels, stats_dtype);
+    const Tensor invstd_values = channel_values(invstd, layout.channels, stats_dtype);
+    const int64_t splits = num_splits(layout);
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_backward_cuda", [&] {
+      using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+      Tensor partials = at::empty({layout.channels * splits * 2}, input.options().dtype(stats_dtype));
+      Tensor coefficients = at::empty({3 * layout.channels}, input.options().dtype(stats_dtype));
+      auto* sums = reinterpret_cast<GradSums<acc_t>*>(partials.mutable_data_ptr<acc_t>());
+      const GradSumsOf<scalar_t, acc_t> source{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                               mean_values.const_data_ptr<acc_t>()};
+      launch_partials(layout, source, splits, sums, stream);
+      finish_grad_sums<acc_t><<<channel_blocks(layout.channels), kThreads, 0, stream>>>(
+          sums, layout.channels, splits, static_cast<acc_t>(layout.num_rows), training,
+          data_or_null<acc_t>(weight_values), invstd_values.const_data_ptr<acc_t>(),
+          grad_weight_acc.mutable_data_ptr<acc_t>(), grad_bias_acc.mutable_data_ptr<acc_t>(),
+          coefficients.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (output_mask[0]) {
+        input_grad<scalar_t, acc_t><<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
+            dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
+            x.numel(), layout.channels, flat_inner(layout), mean_values.const_data_ptr<acc_t>(),
+            coefficients.const_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+  }
+  Tensor grad_weight = output_mask[1] ? grad_weight_acc.to(param_options.dtype()) : at::empty({0}, param_options);
+  Tensor grad_bias = output_mask[2] ? grad_bias_acc.to(param_options.dtype()) : at::empty({0}, param_options);
+  return {grad_input, grad_weight, grad_bias};
+}
+
+__global__ void increment_counter(int64_t* num_batches_tracked) {
+  *num_batches_tracked += 1;
+}
+
+// running = (1 - factor) * running + factor * batch, with factor = momentum or, for momentum=None,
+// 1 / num_batches_tracked read here on the device.
+template <typename acc_t>
+__global__ void update_running(acc_t* running_mean, acc_t* running_var, const int64_t* num_batches_tracked,
+                               const acc_t* save_mean, const acc_t* save_invstd, int64_t channels, double eps,
+                               double unbiased, double momentum, bool cumulative) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= channels) {
+    return;
+  }
+  const double factor = cumulative ? 1.0 / static_cast<double>(*num_batches_tracked) : momentum;
+  const double invstd = save_invstd[c];
+  // The biased variance behind invstd; never negative after rounding.
+  const double biased_var = fmax(0.0, 1.0 / (invstd * invstd) - eps);
+  running_mean[c] = static_cast<acc_t>(running_average<double>(running_mean[c], save_mean[c], factor));
+  running_var[c] = static_cast<acc_t>(running_average<double>(running_var[c], biased_var * unbiased, factor));
+}
+
+void update_running_stats(Tensor& running_mean, Tensor& running_var, const std::optional<Tensor>& num_batches_tracked,
+                          const Tensor& save_mean, const Tensor& save_invstd, double eps, int64_t count,
+                          std::optional<double> momentum) {
+  check_running_stats_args(running_mean, running_var, num_batches_tracked, save_mean, save_invstd, count, momentum);
+  TORCH_CHECK(save_mean.is_cuda(), "bnext update_running_stats (CUDA): save_mean must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(save_mean.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool has_counter = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  if (has_counter) {
+    increment_counter<<<1, 1, 0, stream>>>(num_batches_tracked->mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (count == 0) {
+    return;  // an empty batch has no statistics; nn.BatchNorm leaves the running stats as they were
+  }
+  const int64_t channels = save_mean.numel();
+  const auto stats_dtype = save_mean.scalar_type();
+  Tensor new_mean = running_mean.reshape({channels}).to(stats_dtype, /*non_blocking=*/false, /*copy=*/true);
+  Tensor new_var = running_var.reshape({channels}).to(stats_dtype, /*non_blocking=*/false, /*copy=*/true);
+  const Tensor batch_mean = save_mean.contiguous();
+  const Tensor batch_invstd = save_invstd.to(stats_dtype).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(stats_dtype, "bnext_update_running_stats_cuda", [&] {
+    update_running<scalar_t><<<channel_blocks(channels), kThreads, 0, stream>>>(
+        new_mean.mutable_data_ptr<scalar_t>(), new_var.mutable_data_ptr<scalar_t>(),
+        has_counter ? num_batches_tracked->const_data_ptr<int64_t>() : nullptr, batch_mean.const_data_ptr<scalar_t>(),
+        batch_invstd.const_data_ptr<scalar_t>(), channels, eps,
+        static_cast<double>(count) / static_cast<double>(count - 1), momentum.value_or(0.0), !momentum.has_value());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  running_mean.copy_(new_mean.reshape(running_mean.sizes()));
+  running_var.copy_(new_var.reshape(running_var.sizes()));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnext, CUDA, m) {
+  m.impl("batch_norm_train", &batch_norm_train);
+  m.impl("batch_norm_eval", &batch_norm_eval);
+  m.impl("batch_norm_backward", &batch_norm_backward);
+  m.impl("update_running_stats", &update_running_stats);
+}
+
+}  // namespace bnext::cuda
