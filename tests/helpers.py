@@ -1,8 +1,15 @@
 """Shared test helpers: the torch reference twins and tolerances."""
+import pytest
 import torch
 import torch.nn as nn
 
 import bnext
+
+# Every behaviour test runs on each device; CUDA cases skip where there is no GPU.
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
 
 NN_CLASSES = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 BNEXT_CLASSES = {2: bnext.BatchNorm1d, 3: bnext.BatchNorm1d, 4: bnext.BatchNorm2d, 5: bnext.BatchNorm3d}
@@ -21,26 +28,26 @@ def assert_close(actual, expected, dtype, scale=1.0, msg=""):
     torch.testing.assert_close(actual, expected, rtol=rtol * scale, atol=atol * scale, msg=lambda m: f"{msg}: {m}")
 
 
-def make_input(shape, dtype, layout, seed=0):
+def make_input(shape, dtype, layout, seed=0, device="cpu"):
     """Random input of `shape` in memory layout 'contiguous', 'channels_last' or 'strided' (a non-contiguous view)."""
     gen = torch.Generator().manual_seed(seed)
     if layout == "contiguous":
-        return torch.randn(shape, generator=gen).to(dtype)
+        return torch.randn(shape, generator=gen).to(device, dtype)
     if layout == "channels_last":
         # channel fastest in memory: channels_last(_3d) for 4-5 dims, an (N, L, C) transpose for 3
         order = [0, *range(2, len(shape)), 1]
-        permuted = torch.randn([shape[i] for i in order], generator=gen).to(dtype)
+        permuted = torch.randn([shape[i] for i in order], generator=gen).to(device, dtype)
         return permuted.permute(*[order.index(dim) for dim in range(len(shape))])
     if layout == "strided":
-        wide = torch.randn(*shape[:-1], 2 * shape[-1], generator=gen).to(dtype)
+        wide = torch.randn(*shape[:-1], 2 * shape[-1], generator=gen).to(device, dtype)
         return wide[..., ::2]
     raise ValueError(layout)
 
 
-def module_pair(rank, channels, param_dtype, seed=0, **kwargs):
+def module_pair(rank, channels, param_dtype, seed=0, device="cpu", **kwargs):
     """An nn.BatchNorm and its bnext twin with the same random parameters and running stats."""
     torch.manual_seed(seed)
-    reference = NN_CLASSES[rank](channels, dtype=param_dtype, **kwargs)
+    reference = NN_CLASSES[rank](channels, dtype=param_dtype, **kwargs).to(device)
     with torch.no_grad():
         if reference.weight is not None:
             reference.weight.uniform_(0.5, 1.5)
@@ -49,7 +56,7 @@ def module_pair(rank, channels, param_dtype, seed=0, **kwargs):
         if reference.running_mean is not None:
             reference.running_mean.uniform_(-0.5, 0.5)
             reference.running_var.uniform_(0.5, 1.5)
-    candidate = BNEXT_CLASSES[rank](channels, dtype=param_dtype, **kwargs)
+    candidate = BNEXT_CLASSES[rank](channels, dtype=param_dtype, **kwargs).to(device)
     candidate.load_state_dict(reference.state_dict())
     return reference, candidate
 

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from helpers import BNEXT_CLASSES, assert_close, make_input, module_pair
+from helpers import BNEXT_CLASSES, DEVICES, assert_close, make_input, module_pair
 
 SHAPES = {2: (8, 5), 3: (4, 5, 7), 4: (3, 5, 4, 6), 5: (2, 5, 3, 4, 3)}
 # (input dtype, parameter and running-stat dtype): reduced precision also in torch's mixed mode.
@@ -41,7 +41,7 @@ def _step(reference, candidate, x, dtype, msg):
     elif x.is_contiguous() or x.movedim(1, -1).is_contiguous():
         assert y_new.stride() == y_ref.stride(), f"{msg}: output layout"
     assert_close(y_new, y_ref, dtype, msg=f"{msg} output")
-    grad = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+    grad = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(7)).to(x.device, dtype)
     y_ref.backward(grad)
     y_new.backward(grad)
     assert_close(x_new.grad, x_ref.grad, dtype, scale=2, msg=f"{msg} grad_input")
@@ -65,15 +65,17 @@ def _step(reference, candidate, x, dtype, msg):
 @pytest.mark.parametrize("affine", AFFINE, ids=["affine", "no_affine", "no_bias"])
 @pytest.mark.parametrize("dtype,param_dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("rank,layout", list(_cases()))
-def test_steps_match_nn(rank, layout, dtype, param_dtype, affine, track_running_stats, momentum):
+@pytest.mark.parametrize("device", DEVICES)
+def test_steps_match_nn(device, rank, layout, dtype, param_dtype, affine, track_running_stats, momentum):
     reference, candidate = module_pair(
-        rank, SHAPES[rank][1], param_dtype, momentum=momentum, track_running_stats=track_running_stats, **affine
+        rank, SHAPES[rank][1], param_dtype, device=device, momentum=momentum,
+        track_running_stats=track_running_stats, **affine
     )
     # Three training steps, then eval; then training again after eval.
     for step, training in enumerate([True, True, True, False, True]):
         reference.train(training)
         candidate.train(training)
-        x = make_input(SHAPES[rank], dtype, layout, seed=step) * (1 + step) + step
+        x = make_input(SHAPES[rank], dtype, layout, seed=step, device=device) * (1 + step) + step
         _step(reference, candidate, x, dtype, msg=f"step {step} ({'train' if training else 'eval'})")
 
 
@@ -102,16 +104,17 @@ LARGE_SHAPES = {
     + [((70000, 3), "contiguous")],  # a contiguous (N, C) input already has its channel fastest
     ids=[f"{name}-{layout}" for name in LARGE_SHAPES for layout in ("contiguous", "channels_last")] + ["tall_2d"],
 )
-def test_large_inputs_as_accurate_as_nn(shape, layout):
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_inputs_as_accurate_as_nn(device, shape, layout):
     """Shapes that span several chunks, blocks and parts of the kernels' reductions: every result
     is at least as close to float64 math as nn.BatchNorm's float32 result (within a factor 2)."""
-    reference, candidate = module_pair(len(shape), shape[1], torch.float32)
+    reference, candidate = module_pair(len(shape), shape[1], torch.float32, device=device)
     exact = copy.deepcopy(reference).double()
     for step, training in enumerate([True, True, False]):
         for module in (reference, candidate, exact):
             module.train(training)
-        x = make_input(shape, torch.float32, layout, seed=step) * 3 + 1
-        grad = torch.randn(shape, generator=torch.Generator().manual_seed(step))
+        x = make_input(shape, torch.float32, layout, seed=step, device=device) * 3 + 1
+        grad = torch.randn(shape, generator=torch.Generator().manual_seed(step)).to(device)
         torch_result = _run_step(reference, x, grad)
         bnext_result = _run_step(candidate, x, grad)
         exact_result = _run_step(exact, x.double(), grad.double())
@@ -133,10 +136,11 @@ def test_modules_are_nn_subclasses_with_nn_constructor():
 
 
 @pytest.mark.parametrize("rank", [2, 3, 4, 5])
-def test_empty_batch_matches_nn(rank):
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch_matches_nn(device, rank):
     shape = (0, 4) + (3,) * (rank - 2)
-    reference, candidate = module_pair(rank, 4, torch.float32)
-    x = torch.randn(shape)
+    reference, candidate = module_pair(rank, 4, torch.float32, device=device)
+    x = torch.randn(shape, device=device)
     _step(reference, candidate, x, torch.float32, msg="train N=0")
     reference.eval()
     candidate.eval()
@@ -144,10 +148,11 @@ def test_empty_batch_matches_nn(rank):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_nan_stays_in_its_channel(layout):
-    x = make_input((4, 3, 5, 5), torch.float32, layout)
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_stays_in_its_channel(device, layout):
+    x = make_input((4, 3, 5, 5), torch.float32, layout, device=device)
     x[1, 1, 2, 2] = float("nan")
-    reference, candidate = module_pair(4, 3, torch.float32)
+    reference, candidate = module_pair(4, 3, torch.float32, device=device)
     y = candidate(x)
     assert torch.isnan(y[:, 1]).all()
     assert not torch.isnan(y[:, [0, 2]]).any()
@@ -156,13 +161,14 @@ def test_nan_stays_in_its_channel(layout):
 
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_no_grad_and_inference_mode_match_nn(layout, context):
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_grad_and_inference_mode_match_nn(device, layout, context):
     """Calls that need no gradient take the short path to the kernels: same results, no graph."""
-    reference, candidate = module_pair(4, 5, torch.float32)
+    reference, candidate = module_pair(4, 5, torch.float32, device=device)
     for step, training in enumerate([True, True, False]):
         reference.train(training)
         candidate.train(training)
-        x = make_input((3, 5, 4, 6), torch.float32, layout, seed=step).requires_grad_()
+        x = make_input((3, 5, 4, 6), torch.float32, layout, seed=step, device=device).requires_grad_()
         with context():
             y_ref = reference(x)
             y_new = candidate(x)

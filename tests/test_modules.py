@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import bnext
+from helpers import DEVICES
 
 
 def small_cnn(momentum=0.1):
@@ -25,9 +26,9 @@ def small_cnn(momentum=0.1):
     )
 
 
-def batch(step):
+def batch(step, device="cpu"):
     gen = torch.Generator().manual_seed(100 + step)
-    return torch.randn(6, 3, 6, 6, generator=gen), torch.randint(0, 4, (6,), generator=gen)
+    return torch.randn(6, 3, 6, 6, generator=gen).to(device), torch.randint(0, 4, (6,), generator=gen).to(device)
 
 
 def test_convert_replaces_every_batch_norm_and_keeps_state():
@@ -72,16 +73,17 @@ def test_state_dict_round_trip(direction):
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_converted_model_trains_like_the_original(momentum):
+@pytest.mark.parametrize("device", DEVICES)
+def test_converted_model_trains_like_the_original(device, momentum):
     """Ten SGD steps: same losses, parameters and buffers as the nn.BatchNorm model."""
-    original = small_cnn(momentum)
+    original = small_cnn(momentum).to(device)
     converted = bnext.convert(copy.deepcopy(original))
     losses = {}
     for name, model in [("nn", original), ("bnext", converted)]:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         losses[name] = []
         for step in range(10):
-            x, target = batch(step)
+            x, target = batch(step, device)
             loss = nn.functional.cross_entropy(model(x), target)
             optimizer.zero_grad()
             loss.backward()
@@ -92,18 +94,19 @@ def test_converted_model_trains_like_the_original(momentum):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=name)
     original.eval()
     converted.eval()
-    x, _ = batch(99)
+    x, _ = batch(99, device)
     torch.testing.assert_close(converted(x), original(x), rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_fullgraph_matches_eager():
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_fullgraph_matches_eager(device):
     """torch.compile(fullgraph=True) traces bnext layers, momentum=None included (nn.BatchNorm's
     cumulative average reads num_batches_tracked on the host and cannot)."""
-    eager = bnext.convert(small_cnn(momentum=None))
+    eager = bnext.convert(small_cnn(momentum=None).to(device))
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True)
     for step in range(3):
-        x, _ = batch(step)
+        x, _ = batch(step, device)
         x_eager = x.clone().requires_grad_()
         x_compiled = x.clone().requires_grad_()
         y_eager = eager(x_eager)
@@ -119,5 +122,5 @@ def test_compiled_fullgraph_matches_eager():
     assert int(compiled_model[4].num_batches_tracked) == 3
     eager.eval()
     compiled_model.eval()
-    x, _ = batch(50)
+    x, _ = batch(50, device)
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)

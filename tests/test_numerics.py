@@ -4,18 +4,19 @@ import torch
 import torch.nn.functional as F
 
 import bnext
-from helpers import make_input
+from helpers import DEVICES, make_input
 
 LAYOUTS = ["contiguous", "channels_last"]
 
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_constant_channel_normalizes_to_zero(layout, training):
-    x = make_input((4, 3, 5, 5), torch.float32, layout)
+@pytest.mark.parametrize("device", DEVICES)
+def test_constant_channel_normalizes_to_zero(device, layout, training):
+    x = make_input((4, 3, 5, 5), torch.float32, layout, device=device)
     x[:, 0] = 1e4
-    running_mean = torch.full((3,), 1e4)
-    running_var = torch.zeros(3) if not training else torch.ones(3)
+    running_mean = torch.full((3,), 1e4, device=device)
+    running_var = (torch.zeros(3) if not training else torch.ones(3)).to(device)
     y = bnext.batch_norm(x, running_mean, running_var, training=training)
     assert torch.equal(y[:, 0], torch.zeros_like(y[:, 0]))
     if training:
@@ -24,21 +25,23 @@ def test_constant_channel_normalizes_to_zero(layout, training):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS + ["rank2", "rank3"])
-def test_large_mean_is_at_least_as_accurate_as_torch(layout):
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_mean_is_at_least_as_accurate_as_torch(device, layout):
     """Data with mean 1e5 and std 1 in float32, against float64 math on the same float32 values.
 
     Gradients of both are bound by the float32 saved mean (the op's contract), hence the 5% margin."""
     shapes = {"rank2": (512, 4), "rank3": (8, 4, 300)}
     shape = shapes.get(layout, (8, 4, 16, 16))
-    x = (make_input(shape, torch.float64, layout if layout in LAYOUTS else "contiguous") + 1e5).float()
-    grad = torch.randn(shape)
+    x = (make_input(shape, torch.float64, layout if layout in LAYOUTS else "contiguous", device=device) + 1e5).float()
+    grad = torch.randn(shape).to(device)
     exact_mean = x.double().mean([0, *range(2, x.dim())])
     results = {}
     for name, fn in [("torch", F.batch_norm), ("bnext", bnext.batch_norm), ("exact", F.batch_norm)]:
         dtype = torch.float64 if name == "exact" else torch.float32
         x_in = x.to(dtype).clone().requires_grad_()
-        weight = torch.full((4,), 1.5, dtype=dtype, requires_grad=True)
-        running_mean, running_var = torch.zeros(4, dtype=dtype), torch.ones(4, dtype=dtype)
+        weight = torch.full((4,), 1.5, dtype=dtype, device=device, requires_grad=True)
+        running_mean = torch.zeros(4, dtype=dtype, device=device)
+        running_var = torch.ones(4, dtype=dtype, device=device)
         y = fn(x_in, running_mean, running_var, weight, None, True, 1.0, 1e-5)
         y.backward(grad.to(dtype))
         results[name] = [t.detach().double() for t in (y, x_in.grad, weight.grad, running_mean, running_var)]

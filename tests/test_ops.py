@@ -4,43 +4,45 @@ import torch
 from torch.autograd import gradcheck, gradgradcheck
 
 import bnext  # noqa: F401  (registers torch.ops.bnext)
-from helpers import make_input
+from helpers import DEVICES, make_input
 
 ops = torch.ops.bnext
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 
 
-def _channel(values, dtype, requires_grad=False, seed=0):
+def _channel(values, dtype, requires_grad=False, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.rand(values, generator=gen) + 0.5).to(dtype).requires_grad_(requires_grad)
+    return (torch.rand(values, generator=gen) + 0.5).to(device, dtype).requires_grad_(requires_grad)
 
 
-def _train_args(dtype, layout, requires_grad):
-    x = make_input((3, 4, 5, 2), dtype, layout).requires_grad_(requires_grad)
-    return x, _channel(4, dtype, requires_grad, 1), _channel(4, dtype, requires_grad, 2), 1e-5
+def _train_args(dtype, layout, requires_grad, device="cpu"):
+    x = make_input((3, 4, 5, 2), dtype, layout, device=device).requires_grad_(requires_grad)
+    return (x, _channel(4, dtype, requires_grad, 1, device), _channel(4, dtype, requires_grad, 2, device), 1e-5)
 
 
-def _eval_args(dtype, layout, requires_grad):
-    x, weight, bias, eps = _train_args(dtype, layout, requires_grad)
-    return x, _channel(4, dtype, seed=3) - 1, _channel(4, dtype, seed=4), weight, bias, eps
+def _eval_args(dtype, layout, requires_grad, device="cpu"):
+    x, weight, bias, eps = _train_args(dtype, layout, requires_grad, device)
+    return x, _channel(4, dtype, seed=3, device=device) - 1, _channel(4, dtype, seed=4, device=device), weight, bias, eps
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck_forward_ops(dtype, layout, requires_grad):
-    torch.library.opcheck(ops.batch_norm_train.default, _train_args(dtype, layout, requires_grad))
-    torch.library.opcheck(ops.batch_norm_eval.default, _eval_args(dtype, layout, requires_grad))
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_forward_ops(device, dtype, layout, requires_grad):
+    torch.library.opcheck(ops.batch_norm_train.default, _train_args(dtype, layout, requires_grad, device))
+    torch.library.opcheck(ops.batch_norm_eval.default, _eval_args(dtype, layout, requires_grad, device))
 
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck_backward_op(dtype, layout, requires_grad, training):
-    x, weight, _, eps = _train_args(dtype, layout, requires_grad)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_backward_op(device, dtype, layout, requires_grad, training):
+    x, weight, _, eps = _train_args(dtype, layout, requires_grad, device)
     _, mean, invstd = ops.batch_norm_train(x.detach(), weight.detach(), None, eps)
-    grad_output = make_input(tuple(x.shape), dtype, layout, seed=9).requires_grad_(requires_grad)
+    grad_output = make_input(tuple(x.shape), dtype, layout, seed=9, device=device).requires_grad_(requires_grad)
     for mask in ([True, True, True], [True, False, False], [False, True, True]):
         torch.library.opcheck(
             ops.batch_norm_backward.default, (grad_output, x, weight, mean, invstd, training, mask)
@@ -49,17 +51,20 @@ def test_opcheck_backward_op(dtype, layout, requires_grad, training):
 
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck_update_running_stats(dtype, momentum):
-    x, _, _, eps = _train_args(dtype, "contiguous", False)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_update_running_stats(device, dtype, momentum):
+    x, _, _, eps = _train_args(dtype, "contiguous", False, device)
     _, mean, invstd = ops.batch_norm_train(x, None, None, eps)
-    args = (_channel(4, dtype), _channel(4, dtype), torch.tensor(3), mean, invstd, eps, 30, momentum)
+    counter = torch.tensor(3, device=device)
+    args = (_channel(4, dtype, device=device), _channel(4, dtype, device=device), counter, mean, invstd, eps, 30, momentum)
     torch.library.opcheck(ops.update_running_stats.default, args)
 
 
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_gradcheck_and_gradgradcheck_train(layout, affine):
-    x, weight, bias, eps = _train_args(torch.float64, layout, True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_and_gradgradcheck_train(device, layout, affine):
+    x, weight, bias, eps = _train_args(torch.float64, layout, True, device)
     args = (x, weight, bias) if affine else (x, None, None)
 
     def forward(*args):
@@ -71,8 +76,9 @@ def test_gradcheck_and_gradgradcheck_train(layout, affine):
 
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_gradcheck_and_gradgradcheck_eval(layout, affine):
-    x, running_mean, running_var, weight, bias, eps = _eval_args(torch.float64, layout, True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_and_gradgradcheck_eval(device, layout, affine):
+    x, running_mean, running_var, weight, bias, eps = _eval_args(torch.float64, layout, True, device)
     args = (x, weight, bias) if affine else (x, None, None)
 
     def forward(*args):
@@ -83,13 +89,14 @@ def test_gradcheck_and_gradgradcheck_eval(layout, affine):
 
 
 @pytest.mark.parametrize("rank", [2, 3, 5])
-def test_gradgradcheck_module_matches_nn_double_backward(rank):
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradgradcheck_module_matches_nn_double_backward(device, rank):
     """Second derivatives through the modules agree with nn.BatchNorm's."""
     from helpers import module_pair
 
     shape = (4, 3) + (3,) * (rank - 2)
-    reference, candidate = module_pair(rank, 3, torch.float64)
-    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    reference, candidate = module_pair(rank, 3, torch.float64, device=device)
+    x = torch.randn(shape, dtype=torch.float64, device=device, requires_grad=True)
     results = []
     for module in (reference, candidate):
         y = module(x)
