@@ -38,7 +38,8 @@ def build_cuda():
 
 
 capability = simd_capability(CPU_ARCH)
-cxx_flags = ["-O3", "-fopenmp", f"-march={CPU_ARCH}", "-DPy_LIMITED_API=0x030A0000"]
+# C++20 whatever the torch version's default (torch adds its own -std only when none is given).
+cxx_flags = ["-std=c++20", "-O3", "-fopenmp", f"-march={CPU_ARCH}", "-DPy_LIMITED_API=0x030A0000"]
 if capability:
     cxx_flags += [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
 sources = ["csrc/bnext.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
@@ -48,7 +49,7 @@ if build_cuda():
     # TORCH_CUDA_ARCH_LIST picks the GPU architectures, as for any torch extension.
     extension = CUDAExtension
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
-    compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-DPy_LIMITED_API=0x030A0000"]
+    compile_args["nvcc"] = ["-std=c++20", "-O3", "--expt-relaxed-constexpr", "-DPy_LIMITED_API=0x030A0000"]
 
 setup(
     name="bnext",
