@@ -19,10 +19,14 @@ struct Moments {
 // exact arithmetic and free of the cancellation that E[x^2] - E[x]^2 suffers.
 template <typename acc_t>
 C10_HOST_DEVICE inline Moments<acc_t> merge(const Moments<acc_t>& a, const Moments<acc_t>& b) {
-  const acc_t count = a.count + b.count;
-  if (count == acc_t(0)) {
+  // An empty side changes nothing (and must not: with a huge mean, delta^2 * 0 would be inf * 0).
+  if (b.count == acc_t(0)) {
     return a;
   }
+  if (a.count == acc_t(0)) {
+    return b;
+  }
+  const acc_t count = a.count + b.count;
   const acc_t b_share = b.count / count;
   const acc_t delta = b.mean - a.mean;
   return {count, a.mean + delta * b_share, a.m2 + b.m2 + delta * delta * a.count * b_share};

@@ -24,6 +24,18 @@ def test_constant_channel_normalizes_to_zero(device, layout, training):
         assert running_var[0].item() == pytest.approx(0.9, abs=1e-7)  # 0.9 * 1 + 0.1 * 0
 
 
+@pytest.mark.parametrize("layout", LAYOUTS + ["rank2"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_huge_constant_channel_in_float64_normalizes_to_zero(device, layout):
+    """Merging with an empty partial must not compute inf * 0 when the mean's square overflows."""
+    shape = (512, 3) if layout == "rank2" else (40, 3, 9, 9)
+    x = make_input(shape, torch.float64, "contiguous" if layout == "rank2" else layout, device=device)
+    x[:, 1] = 1e200
+    y = bnext.batch_norm(x, None, None, training=True)
+    assert torch.equal(y[:, 1], torch.zeros_like(y[:, 1]))
+    torch.testing.assert_close(y[:, [0, 2]], F.batch_norm(x, None, None, training=True)[:, [0, 2]])
+
+
 @pytest.mark.parametrize("layout", LAYOUTS + ["rank2", "rank3"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_large_mean_is_at_least_as_accurate_as_torch(device, layout):

@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -173,9 +174,10 @@ __global__ void rows_partials(Source source, int64_t channels, int64_t num_rows,
 }
 
 // How many blocks each channel's reduction is split into: a function of the shape only, so
-// results do not depend on the device.
+// results do not depend on the device. A rows block covers kWarp channels, so fewer rows.
 int64_t num_splits(const Layout& layout) {
-  return std::clamp<int64_t>((layout.num_rows + kValuesPerBlock - 1) / kValuesPerBlock, 1, kMaxSplits);
+  const int64_t values_per_block = layout.rows ? kValuesPerBlock / kWarp : kValuesPerBlock;
+  return std::clamp<int64_t>((layout.num_rows + values_per_block - 1) / values_per_block, 1, kMaxSplits);
 }
 
 // Per-channel partial states of `source` over the whole tensor: [channels][splits].
@@ -187,6 +189,8 @@ void launch_partials(const Layout& layout, const Source& source, int64_t splits,
     rows_partials<State><<<grid, dim3(kWarp, kRowLanes), 0, stream>>>(source, layout.channels, layout.num_rows,
                                                                          splits, partials);
   } else {
+    TORCH_CHECK(layout.channels <= std::numeric_limits<int32_t>::max(), "bnext batch_norm (CUDA): ",
+                layout.channels, " channels is more than a grid holds");
     const dim3 grid(layout.channels, splits);  // channels on x: up to 2^31 - 1 of them
     planar_partials<State><<<grid, kThreads, 0, stream>>>(source, layout.channels, layout.inner, layout.num_rows,
                                                           splits, partials);
@@ -272,16 +276,20 @@ __global__ void normalize(const scalar_t* x, scalar_t* y, int64_t numel, int64_t
   }
 }
 
-// dx = dy * dy_scale + (x - mean) * xmu_scale + shift, channel by channel.
-template <typename scalar_t, typename acc_t>
+// dx = dy * dy_scale + (x - mean) * xmu_scale + shift, channel by channel. Eval (running
+// statistics are constants) is dx = dy * dy_scale and never reads x, so a non-finite x cannot leak.
+template <bool kTraining, typename scalar_t, typename acc_t>
 __global__ void input_grad(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t numel, int64_t channels,
                            int64_t inner, const acc_t* mean, const acc_t* coefficients) {
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < numel;
        k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t c = channel_of(k, channels, inner);
-    const acc_t xmu = static_cast<acc_t>(x[k]) - mean[c];
-    dx[k] = static_cast<scalar_t>(static_cast<acc_t>(dy[k]) * coefficients[c] +
-                                  (xmu * coefficients[channels + c] + coefficients[2 * channels + c]));
+    acc_t value = static_cast<acc_t>(dy[k]) * coefficients[c];
+    if constexpr (kTraining) {
+      const acc_t xmu = static_cast<acc_t>(x[k]) - mean[c];
+      value += xmu * coefficients[channels + c] + coefficients[2 * channels + c];
+    }
+    dx[k] = static_cast<scalar_t>(value);
   }
 }
 
@@ -428,7 +436,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
           coefficients.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (output_mask[0]) {
-        input_grad<scalar_t, acc_t><<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
+        const auto kernel = training ? input_grad<true, scalar_t, acc_t> : input_grad<false, scalar_t, acc_t>;
+        kernel<<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
             dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
             x.numel(), layout.channels, flat_inner(layout), mean_values.const_data_ptr<acc_t>(),
             coefficients.const_data_ptr<acc_t>());
@@ -447,9 +456,8 @@ __global__ void increment_counter(int64_t* num_batches_tracked) {
 
 // running = (1 - factor) * running + factor * batch, with factor = momentum or, for momentum=None,
 // 1 / num_batches_tracked read here on the device.
-template <typename acc_t>
-__global__ void update_running(acc_t* running_mean, acc_t* running_var, const int64_t* num_batches_tracked,
-                               const acc_t* save_mean, const acc_t* save_invstd, int64_t channels, double eps,
+__global__ void update_running(double* running_mean, double* running_var, const int64_t* num_batches_tracked,
+                               const double* save_mean, const double* save_invstd, int64_t channels, double eps,
                                double unbiased, double momentum, bool cumulative) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= channels) {
@@ -459,8 +467,8 @@ __global__ void update_running(acc_t* running_mean, acc_t* running_var, const in
   const double invstd = save_invstd[c];
   // The biased variance behind invstd; never negative after rounding.
   const double biased_var = fmax(0.0, 1.0 / (invstd * invstd) - eps);
-  running_mean[c] = static_cast<acc_t>(running_average<double>(running_mean[c], save_mean[c], factor));
-  running_var[c] = static_cast<acc_t>(running_average<double>(running_var[c], biased_var * unbiased, factor));
+  running_mean[c] = running_average(running_mean[c], save_mean[c], factor);
+  running_var[c] = running_average(running_var[c], biased_var * unbiased, factor);
 }
 
 void update_running_stats(Tensor& running_mean, Tensor& running_var, const std::optional<Tensor>& num_batches_tracked,
@@ -479,19 +487,18 @@ void update_running_stats(Tensor& running_mean, Tensor& running_var, const std::
     return;  // an empty batch has no statistics; nn.BatchNorm leaves the running stats as they were
   }
   const int64_t channels = save_mean.numel();
-  const auto stats_dtype = save_mean.scalar_type();
-  Tensor new_mean = running_mean.reshape({channels}).to(stats_dtype, /*non_blocking=*/false, /*copy=*/true);
-  Tensor new_var = running_var.reshape({channels}).to(stats_dtype, /*non_blocking=*/false, /*copy=*/true);
-  const Tensor batch_mean = save_mean.contiguous();
-  const Tensor batch_invstd = save_invstd.to(stats_dtype).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(stats_dtype, "bnext_update_running_stats_cuda", [&] {
-    update_running<scalar_t><<<channel_blocks(channels), kThreads, 0, stream>>>(
-        new_mean.mutable_data_ptr<scalar_t>(), new_var.mutable_data_ptr<scalar_t>(),
-        has_counter ? num_batches_tracked->const_data_ptr<int64_t>() : nullptr, batch_mean.const_data_ptr<scalar_t>(),
-        batch_invstd.const_data_ptr<scalar_t>(), channels, eps,
-        static_cast<double>(count) / static_cast<double>(count - 1), momentum.value_or(0.0), !momentum.has_value());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  // In float64 whatever the dtypes involved (C values only): each buffer is rounded once, on copy_.
+  const auto as_double = [&](const Tensor& t) { return t.reshape({channels}).to(at::kDouble).contiguous(); };
+  Tensor new_mean = running_mean.reshape({channels}).to(at::kDouble, /*non_blocking=*/false, /*copy=*/true);
+  Tensor new_var = running_var.reshape({channels}).to(at::kDouble, /*non_blocking=*/false, /*copy=*/true);
+  const Tensor batch_mean = as_double(save_mean);
+  const Tensor batch_invstd = as_double(save_invstd);
+  update_running<<<channel_blocks(channels), kThreads, 0, stream>>>(
+      new_mean.mutable_data_ptr<double>(), new_var.mutable_data_ptr<double>(),
+      has_counter ? num_batches_tracked->const_data_ptr<int64_t>() : nullptr, batch_mean.const_data_ptr<double>(),
+      batch_invstd.const_data_ptr<double>(), channels, eps, static_cast<double>(count) / static_cast<double>(count - 1),
+      momentum.value_or(0.0), !momentum.has_value());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   running_mean.copy_(new_mean.reshape(running_mean.sizes()));
   running_var.copy_(new_var.reshape(running_var.sizes()));
 }
