@@ -287,14 +287,22 @@ void input_grad_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t
   }
 }
 
-// Parallel over planes (n, c), each normalized with its channel's coefficients.
+// The `batch` planes of channel c, normalized with one set of coefficients.
+template <typename opmath_t, typename scalar_t>
+void normalize_channel(const scalar_t* x, scalar_t* y, const Layout& layout, int64_t c, const Affine<opmath_t>& affine) {
+  for (int64_t n = 0; n < layout.batch; ++n) {
+    const int64_t offset = (n * layout.channels + c) * layout.inner;
+    normalize_run(x + offset, y + offset, layout.inner, affine);
+  }
+}
+
+// Parallel over channels, each normalized with its coefficients.
 template <typename opmath_t, typename scalar_t>
 void normalize_planar(const scalar_t* x, scalar_t* y, const Layout& layout, const ChannelAffines<opmath_t>& affines) {
-  const int64_t planes = layout.batch * layout.channels;
-  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, layout.inner));
-  at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      normalize_run(x + p * layout.inner, y + p * layout.inner, layout.inner, affines.get(p % layout.channels));
+  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, layout.num_rows));
+  at::parallel_for(0, layout.channels, grain, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      normalize_channel(x, y, layout, c, affines.get(c));
     }
   });
 }
@@ -471,11 +479,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
           const double invstd = inverse_std(double(moments.m2) / double(moments.count), eps);
           mean_data[c] = static_cast<opmath_t>(mean);
           invstd_data[c] = static_cast<opmath_t>(invstd);
-          const Affine<opmath_t> affine = normalize_affine<opmath_t>(mean, invstd, w[c], b[c]);
-          for (int64_t n = 0; n < layout.batch; ++n) {
-            const int64_t offset = (n * layout.channels + c) * layout.inner;
-            normalize_run(x_data + offset, y_data + offset, layout.inner, affine);
-          }
+          normalize_channel(x_data, y_data, layout, c, normalize_affine<opmath_t>(mean, invstd, w[c], b[c]));
         }
       });
       return;
@@ -586,13 +590,13 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
               continue;
             }
             const InputGradient<opmath_t> g = gradient(c);
+            if (!training) {
+              normalize_channel(dy_data, dx_data, layout, c, Affine<opmath_t>{0, g.dy_scale, 0});
+              continue;
+            }
             for (int64_t n = 0; n < layout.batch; ++n) {
               const int64_t offset = (n * channels + c) * layout.inner;
-              if (training) {
-                input_grad_run(dy_data + offset, x_data + offset, dx_data + offset, layout.inner, mean_op[c], g);
-              } else {
-                normalize_run(dy_data + offset, dx_data + offset, layout.inner, Affine<opmath_t>{0, g.dy_scale, 0});
-              }
+              input_grad_run(dy_data + offset, x_data + offset, dx_data + offset, layout.inner, mean_op[c], g);
             }
           }
         });
