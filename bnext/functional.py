@@ -4,11 +4,6 @@ import torch
 from .ops import call, ops
 
 
-def _check_device(input, tensor, name):
-    if tensor is not None and tensor.device != input.device:
-        raise RuntimeError(f"bnext batch_norm: {name} is on {tensor.device} but input is on {input.device}")
-
-
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked):
     """Batch norm with an in-place running-stats update; `num_batches_tracked` (optional) is
     incremented by the update, and momentum=None then averages cumulatively."""
@@ -16,14 +11,6 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     if not training and running_mean is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
-    for tensor, name in [
-        (running_mean, "running_mean"),
-        (running_var, "running_var"),
-        (weight, "weight"),
-        (bias, "bias"),
-        (num_batches_tracked, "num_batches_tracked"),
-    ]:
-        _check_device(input, tensor, name)
     if not training:
         return call(ops.batch_norm_eval.default, input, running_mean, running_var, weight, bias, eps)
     if running_mean is not None and momentum is None and num_batches_tracked is None:

@@ -26,8 +26,19 @@ def _empty_output(input):
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
+def _check_devices(reference, reference_name="input", **tensors):
+    """The kernels' device check, for the fakes: a fake also runs for a real call when one
+    argument is a meta tensor, and must not turn a device mismatch into meta outputs."""
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != reference.device:
+            raise RuntimeError(
+                f"bnext batch_norm: {name} is on {tensor.device} but {reference_name} is on {reference.device}"
+            )
+
+
 @torch.library.register_fake("bnext::batch_norm_train")
 def _(input, weight, bias, eps):
+    _check_devices(input, weight=weight, bias=bias)
     channels = input.shape[1]
     stats = input.new_empty(channels, dtype=_stats_dtype(input.dtype))
     return _empty_output(input), stats, torch.empty_like(stats)
@@ -35,11 +46,13 @@ def _(input, weight, bias, eps):
 
 @torch.library.register_fake("bnext::batch_norm_eval")
 def _(input, running_mean, running_var, weight, bias, eps):
+    _check_devices(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     return _empty_output(input)
 
 
 @torch.library.register_fake("bnext::batch_norm_backward")
 def _(grad_output, input, weight, mean, invstd, training, output_mask):
+    _check_devices(input, grad_output=grad_output, weight=weight, mean=mean, invstd=invstd)
     param = weight if weight is not None else input
     channels = input.shape[1]
     grad_input = _empty_output(input) if output_mask[0] else input.new_empty(0)
@@ -50,6 +63,8 @@ def _(grad_output, input, weight, mean, invstd, training, output_mask):
 
 @torch.library.register_fake("bnext::update_running_stats")
 def _(running_mean, running_var, num_batches_tracked, save_mean, save_invstd, eps, count, momentum):
+    _check_devices(save_mean, "save_mean", running_mean=running_mean, running_var=running_var,
+                   num_batches_tracked=num_batches_tracked, save_invstd=save_invstd)
     return None
 
 

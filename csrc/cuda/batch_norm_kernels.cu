@@ -329,8 +329,8 @@ void check_cuda(const Tensor& input) {
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const std::optional<Tensor>& weight,
                                                     const std::optional<Tensor>& bias, double eps) {
+  check_train_args(input, weight, bias, eps);  // first: a CPU input beside CUDA weights is a device mismatch
   check_cuda(input);
-  check_train_args(input, weight, bias, eps);
   const c10::cuda::CUDAGuard guard(input.device());
   const auto [x, layout] = kernel_view(input);
   const auto stats_dtype = acc_dtype(input.scalar_type());
@@ -368,8 +368,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
 
 Tensor batch_norm_eval(const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
                        const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps) {
-  check_cuda(input);
   check_eval_args(input, running_mean, running_var, weight, bias, eps);
+  check_cuda(input);
   const c10::cuda::CUDAGuard guard(input.device());
   const auto [x, layout] = kernel_view(input);
   Tensor output = at::empty_like(x);
@@ -403,8 +403,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
                                                        const std::optional<Tensor>& weight, const Tensor& mean,
                                                        const Tensor& invstd, bool training,
                                                        std::array<bool, 3> output_mask) {
-  check_cuda(input);
   check_backward_args(grad_output, input, weight, mean, invstd);
+  check_cuda(input);
   const c10::cuda::CUDAGuard guard(input.device());
   const auto [x, layout] = kernel_view(input);
   const Tensor dy = as_layout(grad_output, layout);
