@@ -1,7 +1,10 @@
-"""Benchmark bnext.batch_norm against torch.nn.functional.batch_norm on CPU.
+"""Benchmark bnext.batch_norm against torch.nn.functional.batch_norm, on CPU or CUDA.
 
-    python -m bnext.bench [--quick] [--dtype float32,bfloat16] [--cases train_fwd,...]
-                          [--threads N] [--repeat N] [--json PATH] [--plot PATH]
+    python -m bnext.bench [--quick] [--device cpu|cuda] [--dtype float32,bfloat16]
+                          [--cases train_fwd,...] [--threads N] [--repeat N] [--json PATH] [--plot PATH]
+
+On CUDA (the default where a GPU is present) torch is timed twice: its default path (cuDNN where
+torch picks it) and its native kernels (cuDNN disabled); times are device times between CUDA events.
 
 Every configuration (shape, layout, dtype) is first checked against torch: training forward
 output, running statistics, eval output and the input/weight/bias gradients. Any disagreement
@@ -59,7 +62,20 @@ MEMORY_FORMATS = {
 # x and writes y, a backward reads x and dy and writes dx, and a copy reads x and writes y.
 TRAFFIC = {"train_fwd": 2, "eval_fwd": 2, "train_bwd": 3, "fwd_bwd": 5}
 COPY_TRAFFIC = 2
+
+
+def torch_native_batch_norm(*args):
+    """torch's own CUDA kernels: F.batch_norm with cuDNN disabled (backward follows the forward's choice)."""
+    with torch.backends.cudnn.flags(enabled=False):
+        return F.batch_norm(*args)
+
+
 IMPLEMENTATIONS = {"bnext": bnext.batch_norm, "torch": F.batch_norm}
+CUDA_IMPLEMENTATIONS = {**IMPLEMENTATIONS, "native": torch_native_batch_norm}
+
+
+def implementations(device):
+    return CUDA_IMPLEMENTATIONS if torch.device(device).type == "cuda" else IMPLEMENTATIONS
 MOMENTUM = 0.1
 EPS = 1e-5
 
@@ -69,6 +85,7 @@ class Config:
     shape: tuple
     layout: str
     dtype: torch.dtype
+    device: str = "cpu"
 
     @property
     def dtype_name(self):
@@ -109,6 +126,8 @@ class Result:
     bnext_floor_multiple: float  # bnext time / floor, floor = (TRAFFIC / COPY_TRAFFIC) * T_copy
     torch_floor_multiple: float
     bnext_gbps: float  # TRAFFIC * |x| / bnext time
+    native_ms: float | None = None  # CUDA: torch's native kernels (cuDNN disabled)
+    native_speedup: float | None = None  # native time / bnext time
 
 
 def format_shape(shape):
@@ -120,8 +139,10 @@ def layouts_for(shape):
     return ["contiguous"] + channels_last.get(len(shape), [])
 
 
-def configurations(shapes, dtypes):
-    return [Config(shape, layout, dtype) for dtype in dtypes for shape in shapes for layout in layouts_for(shape)]
+def configurations(shapes, dtypes, device="cpu"):
+    return [
+        Config(shape, layout, dtype, device) for dtype in dtypes for shape in shapes for layout in layouts_for(shape)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +152,7 @@ def configurations(shapes, dtypes):
 def random_tensor(config):
     """Normal data with a non-zero mean and non-unit spread, so that normalizing does real work."""
     data = torch.randn(config.shape) * 2.0 + 0.5
-    return data.to(config.dtype).contiguous(memory_format=MEMORY_FORMATS[config.layout])
+    return data.to(config.device, config.dtype).contiguous(memory_format=MEMORY_FORMATS[config.layout])
 
 
 def random_parameters(config, requires_grad):
@@ -142,7 +163,7 @@ def random_parameters(config, requires_grad):
     running_mean = torch.randn(channels) * 0.1
     running_var = torch.rand(channels) + 0.5
     weight, bias, running_mean, running_var = (
-        t.to(config.dtype) for t in (weight, bias, running_mean, running_var)
+        t.to(config.device, config.dtype) for t in (weight, bias, running_mean, running_var)
     )
     return weight.requires_grad_(requires_grad), bias.requires_grad_(requires_grad), running_mean, running_var
 
@@ -200,8 +221,8 @@ def check_configuration(config):
     x = random_tensor(config)
     grad_output = random_tensor(config)
     parameters = random_parameters(config, requires_grad=True)
-    bnext_tensors = run_reference_step(IMPLEMENTATIONS["bnext"], x, grad_output, parameters)
-    torch_tensors = run_reference_step(IMPLEMENTATIONS["torch"], x, grad_output, parameters)
+    bnext_tensors = run_reference_step(bnext.batch_norm, x, grad_output, parameters)
+    torch_tensors = run_reference_step(F.batch_norm, x, grad_output, parameters)
     problems = []
     for name, expected in torch_tensors.items():
         problem = mismatch(bnext_tensors[name], expected, config.dtype)
@@ -224,42 +245,65 @@ def check_all(configs):
 # Timing
 
 
-def forward_timer(batch_norm, x, parameters, training):
+class Stopwatch:
+    """Seconds taken by one call: wall time on CPU; on CUDA, device time between two events,
+    waiting for the second so that repetitions do not overlap."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def start(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def elapsed(self, start):
+        if not self.cuda:
+            return time.perf_counter() - start
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+
+def forward_timer(batch_norm, x, parameters, training, stopwatch):
     """Forward only; nothing requires grad, so no graph is recorded: the kernel and call overhead."""
     weight, bias, running_mean, running_var = parameters
 
     def run():
-        start = time.perf_counter()
+        start = stopwatch.start()
         batch_norm(x, running_mean, running_var, weight, bias, training, MOMENTUM, EPS)
-        return time.perf_counter() - start
+        return stopwatch.elapsed(start)
 
     return run
 
 
-def backward_timer(batch_norm, x, grad_output, parameters, include_forward):
+def backward_timer(batch_norm, x, grad_output, parameters, include_forward, stopwatch):
     """Training backward through a graph built every repetition; the forward is timed only if asked."""
     weight, bias, running_mean, running_var = parameters
 
     def run():
         weight.grad = bias.grad = None  # so backward assigns fresh gradients instead of accumulating
         leaf = x.detach().requires_grad_()
-        start = time.perf_counter()
+        start = stopwatch.start()
         output = batch_norm(leaf, running_mean, running_var, weight, bias, True, MOMENTUM, EPS)
         if not include_forward:
-            start = time.perf_counter()
+            start = stopwatch.start()
         output.backward(grad_output)
-        return time.perf_counter() - start
+        return stopwatch.elapsed(start)
 
     return run
 
 
-def copy_timer(x):
+def copy_timer(x, stopwatch):
     destination = torch.empty_like(x)  # same size and layout as x
 
     def run():
-        start = time.perf_counter()
+        start = stopwatch.start()
         destination.copy_(x)
-        return time.perf_counter() - start
+        return stopwatch.elapsed(start)
 
     return run
 
@@ -270,14 +314,15 @@ def make_timers(config, case):
     grad_output = random_tensor(config)
     needs_grad = case in ("train_bwd", "fwd_bwd")
     parameters = random_parameters(config, requires_grad=needs_grad)
+    stopwatch = Stopwatch(config.device)
     timers = {}
-    for name, batch_norm in IMPLEMENTATIONS.items():
+    for name, batch_norm in implementations(config.device).items():
         own = clone_parameters(parameters)
         if case in ("train_fwd", "eval_fwd"):
-            timers[name] = forward_timer(batch_norm, x, own, training=case == "train_fwd")
+            timers[name] = forward_timer(batch_norm, x, own, case == "train_fwd", stopwatch)
         else:
-            timers[name] = backward_timer(batch_norm, x, grad_output, own, include_forward=case == "fwd_bwd")
-    timers["copy"] = copy_timer(x)
+            timers[name] = backward_timer(batch_norm, x, grad_output, own, case == "fwd_bwd", stopwatch)
+    timers["copy"] = copy_timer(x, stopwatch)
     return timers
 
 
@@ -325,6 +370,8 @@ def make_result(config, case, medians, repeats):
         bnext_floor_multiple=medians["bnext"] / floor,
         torch_floor_multiple=medians["torch"] / floor,
         bnext_gbps=TRAFFIC[case] * input_bytes / medians["bnext"] / 1e9,
+        native_ms=medians["native"] * 1e3 if "native" in medians else None,
+        native_speedup=medians["native"] / medians["bnext"] if "native" in medians else None,
     )
 
 
@@ -365,12 +412,20 @@ COLUMNS = [  # (title, width, format of a Result)
     ("torch floor x", 13, lambda r: f"{r.torch_floor_multiple:.2f}"),
     ("bnext GB/s", 10, lambda r: f"{r.bnext_gbps:.1f}"),
 ]
+NATIVE_COLUMNS = [  # CUDA only: torch's native kernels
+    ("native ms", 9, lambda r: f"{r.native_ms:.3f}"),
+    ("vs native", 9, lambda r: f"{r.native_speedup:.2f}"),
+]
 
 
-def format_row(cells):
+def columns_for(results):
+    return COLUMNS + (NATIVE_COLUMNS if any(r.native_ms is not None for r in results) else [])
+
+
+def format_row(cells, columns):
     return "  ".join(
         cell.ljust(width) if index < 4 else cell.rjust(width)  # text left, numbers right
-        for index, (cell, (_, width, _)) in enumerate(zip(cells, COLUMNS))
+        for index, (cell, (_, width, _)) in enumerate(zip(cells, columns))
     )
 
 
@@ -396,6 +451,9 @@ def summarize(results):
                 "count": len(group),
             }
         )
+        if all(r.native_speedup is not None for r in group):
+            rows[-1]["geomean_speedup_vs_native"] = geometric_mean(r.native_speedup for r in group)
+            rows[-1]["min_speedup_vs_native"] = min(r.native_speedup for r in group)
     return rows
 
 
@@ -404,16 +462,23 @@ def describe_result(result):
 
 
 def print_report(results, summary):
+    columns = columns_for(results)
     print(TABLE_HEADER)
-    print(format_row([title for title, _, _ in COLUMNS]))
-    print(format_row(["-" * width for _, width, _ in COLUMNS]))
+    print(format_row([title for title, _, _ in columns], columns))
+    print(format_row(["-" * width for _, width, _ in columns], columns))
     for result in results:
-        print(format_row([cell(result) for _, _, cell in COLUMNS]))
+        print(format_row([cell(result) for _, _, cell in columns], columns))
     print()
     for row in summary:
+        vs_native = ""
+        if "geomean_speedup_vs_native" in row:
+            vs_native = (
+                f"  vs native: geomean {row['geomean_speedup_vs_native']:.2f}x "
+                f"min {row['min_speedup_vs_native']:.2f}x"
+            )
         print(
             f"{row['dtype']:8} {row['case']:9}  geomean speedup {row['geomean_speedup']:.2f}x  "
-            f"min {row['min_speedup']:.2f}x ({row['min_speedup_at']})  over {row['count']}"
+            f"min {row['min_speedup']:.2f}x ({row['min_speedup_at']})  over {row['count']}{vs_native}"
         )
     slowest = min(results, key=lambda r: r.speedup)
     print(f"minimum speedup overall: {slowest.speedup:.2f}x ({describe_result(slowest)} {slowest.dtype} {slowest.case})")
@@ -445,6 +510,7 @@ def metadata(args, plan):
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": cpu_model(),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -555,6 +621,12 @@ def comma_list(choices):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bnext.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="representative subset, fewer repetitions (< 1 min)")
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where to run (default: cuda when a GPU is present)",
+    )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads(N) (default: torch's own default)")
     parser.add_argument("--dtype", type=comma_list(list(DTYPES)), default=["float32"], help="float32,bfloat16")
     parser.add_argument(
@@ -576,6 +648,8 @@ def parse_args(argv=None):
         parser.error("--repeat must be at least 1")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this torch has no CUDA device")
     return args
 
 
@@ -594,10 +668,13 @@ def main(argv=None):
     if not args.system_malloc and not args.malloc_keeps_freed_memory:
         log("warning: could not tune malloc (not glibc?); page faults may add noise to the timings")
     plan = timing_plan(args)
-    configs = configurations(QUICK_SHAPES if args.quick else ALL_SHAPES, [DTYPES[name] for name in args.dtype])
+    configs = configurations(
+        QUICK_SHAPES if args.quick else ALL_SHAPES, [DTYPES[name] for name in args.dtype], args.device
+    )
     args.cpu_busy_before_start = warn_if_busy()
     check_all(configs)
-    log(f"timing {len(configs) * len(args.cases)} cases on {torch.get_num_threads()} threads ...")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    log(f"timing {len(configs) * len(args.cases)} cases on {where} ...")
     results = benchmark(configs, args.cases, plan)
     summary = summarize(results)
     print_report(results, summary)
