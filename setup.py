@@ -42,7 +42,7 @@ capability = simd_capability(CPU_ARCH)
 cxx_flags = ["-std=c++20", "-O3", "-fopenmp", f"-march={CPU_ARCH}", "-DPy_LIMITED_API=0x030A0000"]
 if capability:
     cxx_flags += [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
-sources = ["csrc/bnext.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+sources = ["csrc/bnext.cpp", *sorted(glob.glob("csrc/cpu/*.cpp")), *sorted(glob.glob("csrc/autograd/*.cpp"))]
 extension = CppExtension
 compile_args = {"cxx": cxx_flags}
 if build_cuda():

@@ -1,7 +1,7 @@
 """bnext.batch_norm: torch.nn.functional.batch_norm on the bnext operators."""
 import torch
 
-from .ops import call, ops
+from .ops import batch_norm_eval, batch_norm_train, ops
 
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked):
@@ -12,10 +12,10 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     if not training and running_mean is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
     if not training:
-        return call(ops.batch_norm_eval.default, input, running_mean, running_var, weight, bias, eps)
+        return batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
     if running_mean is not None and momentum is None and num_batches_tracked is None:
         raise TypeError("bnext batch_norm: momentum=None (cumulative average) needs num_batches_tracked")
-    output, save_mean, save_invstd = call(ops.batch_norm_train.default, input, weight, bias, eps)
+    output, save_mean, save_invstd = batch_norm_train(input, weight, bias, eps)
     if running_mean is not None:
         count = input.numel() // input.shape[1] if input.shape[1] else 0
         ops.update_running_stats.default(

@@ -37,6 +37,7 @@ def _check_devices(reference, reference_name="input", **tensors):
 
 
 @torch.library.register_fake("bnext::batch_norm_train")
+@torch.library.register_fake("bnext::batch_norm_train_eager")
 def _(input, weight, bias, eps):
     _check_devices(input, weight=weight, bias=bias)
     channels = input.shape[1]
@@ -45,6 +46,7 @@ def _(input, weight, bias, eps):
 
 
 @torch.library.register_fake("bnext::batch_norm_eval")
+@torch.library.register_fake("bnext::batch_norm_eval_eager")
 def _(input, running_mean, running_var, weight, bias, eps):
     _check_devices(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     return _empty_output(input)
@@ -76,8 +78,8 @@ def call(op, *args):
     """op(*args), straight to the kernel when no gradient can flow.
 
     register_autograd's layer runs in Python at every call (tens of microseconds), even where it
-    only forwards the call: under no_grad, in backward without create_graph, or with no input
-    requiring grad. Those calls skip it; traced calls (torch.compile) keep the normal path.
+    only forwards the call, as in backward without create_graph. Those calls skip it; traced calls
+    (torch.compile) keep the normal path.
     """
     needs_autograd = torch.is_grad_enabled() and any(
         isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args
@@ -86,6 +88,22 @@ def call(op, *args):
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
+
+
+def _tracing():
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+def batch_norm_train(input, weight, bias, eps):
+    """bnext::batch_norm_train, through its eager twin (autograd in C++) outside compile and export."""
+    op = ops.batch_norm_train if _tracing() else ops.batch_norm_train_eager
+    return op.default(input, weight, bias, eps)
+
+
+def batch_norm_eval(input, running_mean, running_var, weight, bias, eps):
+    """bnext::batch_norm_eval, through its eager twin (autograd in C++) outside compile and export."""
+    op = ops.batch_norm_eval if _tracing() else ops.batch_norm_eval_eager
+    return op.default(input, running_mean, running_var, weight, bias, eps)
 
 
 def _train_setup_context(ctx, inputs, output):

@@ -1,5 +1,5 @@
 // Operator schemas of torch.ops.bnext and the `bnext._C` Python module that loads them.
-// Kernels live in one file per backend: cpu/ and cuda/.
+// Kernels live in one file per backend: cpu/ and cuda/; autograd/ has the eager twins' C++ autograd.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -29,4 +29,10 @@ TORCH_LIBRARY(bnext, m) {
   // cumulatively with factor 1/num_batches_tracked read on the tensor's own device.
   m.def("update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, "
         "Tensor save_mean, Tensor save_invstd, float eps, SymInt count, float? momentum) -> ()");
+  // Eager twins of the two forwards: same results, autograd in C++ rather than through
+  // register_autograd's Python layer. bnext's Python API calls them outside torch.compile/export.
+  m.def("batch_norm_train_eager(Tensor input, Tensor? weight, Tensor? bias, float eps) "
+        "-> (Tensor output, Tensor save_mean, Tensor save_invstd)");
+  m.def("batch_norm_eval_eager(Tensor input, Tensor running_mean, Tensor running_var, Tensor? weight, "
+        "Tensor? bias, float eps) -> Tensor");
 }

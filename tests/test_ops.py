@@ -8,6 +8,9 @@ from helpers import DEVICES, make_input
 
 ops = torch.ops.bnext
 LAYOUTS = ["contiguous", "channels_last", "strided"]
+# Each forward and its eager twin (same kernels, autograd in C++ rather than register_autograd).
+TRAIN_OPS = {"registered": ops.batch_norm_train, "eager_twin": ops.batch_norm_train_eager}
+EVAL_OPS = {"registered": ops.batch_norm_eval, "eager_twin": ops.batch_norm_eval_eager}
 
 
 def _channel(values, dtype, requires_grad=False, seed=0, device="cpu"):
@@ -25,13 +28,34 @@ def _eval_args(dtype, layout, requires_grad, device="cpu"):
     return x, _channel(4, dtype, seed=3, device=device) - 1, _channel(4, dtype, seed=4, device=device), weight, bias, eps
 
 
+@pytest.mark.parametrize("variant", TRAIN_OPS)
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_forward_ops(device, dtype, layout, requires_grad):
-    torch.library.opcheck(ops.batch_norm_train.default, _train_args(dtype, layout, requires_grad, device))
-    torch.library.opcheck(ops.batch_norm_eval.default, _eval_args(dtype, layout, requires_grad, device))
+def test_opcheck_forward_ops(device, dtype, layout, requires_grad, variant):
+    torch.library.opcheck(TRAIN_OPS[variant].default, _train_args(dtype, layout, requires_grad, device))
+    torch.library.opcheck(EVAL_OPS[variant].default, _eval_args(dtype, layout, requires_grad, device))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_eager_twin_matches_registered_op_bitwise(device, layout, training):
+    """Outputs and all three gradients, for float32 input."""
+    results = []
+    for variant in TRAIN_OPS:
+        args = _train_args(torch.float32, layout, True, device)
+        if training:
+            output = TRAIN_OPS[variant](*args)[0]
+        else:
+            x, running_mean, running_var, weight, bias, eps = _eval_args(torch.float32, layout, True, device)
+            output = EVAL_OPS[variant](x, running_mean, running_var, weight, bias, eps)
+            args = (x, weight, bias)
+        grad_output = make_input(tuple(output.shape), torch.float32, layout, seed=7, device=device)
+        results.append([output, *torch.autograd.grad(output, args[:3], grad_output)])
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -60,29 +84,31 @@ def test_opcheck_update_running_stats(device, dtype, momentum):
     torch.library.opcheck(ops.update_running_stats.default, args)
 
 
+@pytest.mark.parametrize("variant", TRAIN_OPS)
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_gradcheck_and_gradgradcheck_train(device, layout, affine):
+def test_gradcheck_and_gradgradcheck_train(device, layout, affine, variant):
     x, weight, bias, eps = _train_args(torch.float64, layout, True, device)
     args = (x, weight, bias) if affine else (x, None, None)
 
     def forward(*args):
-        return ops.batch_norm_train(*args, eps)[0]
+        return TRAIN_OPS[variant](*args, eps)[0]
 
     assert gradcheck(forward, args)
     assert gradgradcheck(forward, args)
 
 
+@pytest.mark.parametrize("variant", EVAL_OPS)
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_gradcheck_and_gradgradcheck_eval(device, layout, affine):
+def test_gradcheck_and_gradgradcheck_eval(device, layout, affine, variant):
     x, running_mean, running_var, weight, bias, eps = _eval_args(torch.float64, layout, True, device)
     args = (x, weight, bias) if affine else (x, None, None)
 
     def forward(*args):
-        return ops.batch_norm_eval(args[0], running_mean, running_var, *args[1:], eps)
+        return EVAL_OPS[variant](args[0], running_mean, running_var, *args[1:], eps)
 
     assert gradcheck(forward, args)
     assert gradgradcheck(forward, args)
