@@ -29,6 +29,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
 namespace bnext::cpu {
 namespace {
 
@@ -45,6 +49,10 @@ constexpr int64_t kGrainValues = 32768;
 constexpr int64_t kMaxParts = 64;
 constexpr int64_t kMinPartValues = 16384;
 constexpr int64_t kMinPartRows = 64;
+// float32 outputs of at least this size (about the L2 of two cores) are written with streaming
+// (non-temporal) stores: they skip reading each output line before writing it, which costs a
+// third of a copy's memory traffic, and would not stay in cache anyway.
+constexpr int64_t kStreamBytes = int64_t(4) << 20;
 // Channels of a rows tensor reduced together by one task.
 constexpr int64_t kChannelBlock = 2048;
 
@@ -210,6 +218,70 @@ auto planar_channel_grad_sums(const scalar_t* dy, const scalar_t* x, const Layou
   return std::make_pair(sums.first, sums.second);
 }
 
+// Stores one value, or one vector of them, converted to scalar_t: load_as's counterpart.
+template <typename scalar_t, typename T>
+void store_as(scalar_t* data, const T& values) {
+  if constexpr (std::is_same_v<T, OpVec<scalar_t>>) {
+    store_vec(data, values);
+  } else {
+    *data = static_cast<scalar_t>(values);
+  }
+}
+
+template <typename T>
+T multiply_add(const T& a, const T& b, const T& c) {
+  if constexpr (std::is_arithmetic_v<T>) {
+    return a * b + c;
+  } else {
+    return at::vec::fmadd(a, b, c);
+  }
+}
+
+// body(j, T{}) for the channels of one row: T is a vector for channels j.., then the compute
+// type for each channel of the tail.
+template <typename scalar_t, typename Body>
+void for_each_channel(int64_t channels, const Body& body) {
+  using Vec = OpVec<scalar_t>;
+  int64_t j = 0;
+  for (; j + Vec::size() <= channels; j += Vec::size()) {
+    body(j, Vec());
+  }
+  for (; j < channels; ++j) {
+    body(j, at::opmath_type<scalar_t>());
+  }
+}
+
+bool streams(const Tensor& output) {
+  return output.scalar_type() == at::kFloat && output.nbytes() >= kStreamBytes;
+}
+
+// store_as, with a streaming store for an aligned float vector when `stream` is set.
+template <typename scalar_t, typename T>
+void store_output(scalar_t* data, const T& values, bool stream) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<T, OpVec<float>>) {
+    if (stream && reinterpret_cast<uintptr_t>(data) % sizeof(T) == 0) {
+#if defined(CPU_CAPABILITY_AVX512)
+      _mm512_stream_ps(data, values);
+#else
+      _mm256_stream_ps(data, values);
+#endif
+      return;
+    }
+  }
+#endif
+  store_as(data, values);
+}
+
+// Orders a thread's streaming stores before whatever it does next (they are weakly ordered).
+void finish_streaming(bool stream) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if (stream) {
+    _mm_sfence();
+  }
+#endif
+}
+
 // Per-channel normalize coefficients of a rows tensor, one array each so the channel loop vectorizes.
 template <typename opmath_t>
 struct ChannelAffines {
@@ -228,13 +300,14 @@ struct ChannelAffines {
 
 // y = (x - center) * scale + shift over n values.
 template <typename opmath_t, typename scalar_t>
-void normalize_run(const scalar_t* x, scalar_t* y, int64_t n, const Affine<opmath_t>& affine) {
+void normalize_run(const scalar_t* x, scalar_t* y, int64_t n, const Affine<opmath_t>& affine, bool stream) {
   using Vec = OpVec<scalar_t>;
   const Vec center(affine.center), scale(affine.scale), shift(affine.shift);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    store_vec(y + i, at::vec::fmadd(load_vec(x + i) - center, scale, shift));
+    store_output(y + i, at::vec::fmadd(load_vec(x + i) - center, scale, shift), stream);
   }
+  finish_streaming(stream);
   if constexpr (std::is_same_v<scalar_t, opmath_t>) {
     // One partial vector for the tail: short planes (7x7) are mostly tail.
     if (i < n) {
@@ -250,30 +323,34 @@ void normalize_run(const scalar_t* x, scalar_t* y, int64_t n, const Affine<opmat
 // The same over rows [row_begin, row_end) of a rows tensor, with each channel's coefficients.
 template <typename opmath_t, typename scalar_t>
 void normalize_rows(const scalar_t* x, scalar_t* y, int64_t channels, int64_t row_begin, int64_t row_end,
-                    const ChannelAffines<opmath_t>& affines) {
+                    const ChannelAffines<opmath_t>& affines, bool stream) {
   const opmath_t* center = affines.center.data();
   const opmath_t* scale = affines.scale.data();
   const opmath_t* shift = affines.shift.data();
   for (int64_t r = row_begin; r < row_end; ++r) {
     const scalar_t* x_row = x + r * channels;
     scalar_t* y_row = y + r * channels;
-    for (int64_t c = 0; c < channels; ++c) {
-      y_row[c] = static_cast<scalar_t>((static_cast<opmath_t>(x_row[c]) - center[c]) * scale[c] + shift[c]);
-    }
+    for_each_channel<scalar_t>(channels, [&](int64_t c, auto kind) {
+      using T = decltype(kind);
+      const T centered = load_as<T>(x_row + c) - load_as<T>(center + c);
+      store_output(y_row + c, multiply_add(centered, load_as<T>(scale + c), load_as<T>(shift + c)), stream);
+    });
   }
+  finish_streaming(stream);
 }
 
 // dx = dy * dy_scale + (x - mean) * xmu_scale + shift over n values.
 template <typename opmath_t, typename scalar_t>
 void input_grad_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, opmath_t mean,
-                    const InputGradient<opmath_t>& g) {
+                    const InputGradient<opmath_t>& g, bool stream) {
   using Vec = OpVec<scalar_t>;
   const Vec mean_vec(mean), dy_scale(g.dy_scale), xmu_scale(g.xmu_scale), shift(g.shift);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
     const Vec xmu_term = at::vec::fmadd(load_vec(x + i) - mean_vec, xmu_scale, shift);
-    store_vec(dx + i, at::vec::fmadd(load_vec(dy + i), dy_scale, xmu_term));
+    store_output(dx + i, at::vec::fmadd(load_vec(dy + i), dy_scale, xmu_term), stream);
   }
+  finish_streaming(stream);
   if constexpr (std::is_same_v<scalar_t, opmath_t>) {
     if (i < n) {
       const Vec xmu_term = at::vec::fmadd(Vec::loadu(x + i, n - i) - mean_vec, xmu_scale, shift);
@@ -289,29 +366,32 @@ void input_grad_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t
 
 // The `batch` planes of channel c, normalized with one set of coefficients.
 template <typename opmath_t, typename scalar_t>
-void normalize_channel(const scalar_t* x, scalar_t* y, const Layout& layout, int64_t c, const Affine<opmath_t>& affine) {
+void normalize_channel(const scalar_t* x, scalar_t* y, const Layout& layout, int64_t c, const Affine<opmath_t>& affine,
+                       bool stream) {
   for (int64_t n = 0; n < layout.batch; ++n) {
     const int64_t offset = (n * layout.channels + c) * layout.inner;
-    normalize_run(x + offset, y + offset, layout.inner, affine);
+    normalize_run(x + offset, y + offset, layout.inner, affine, stream);
   }
 }
 
 // Parallel over channels, each normalized with its coefficients.
 template <typename opmath_t, typename scalar_t>
-void normalize_planar(const scalar_t* x, scalar_t* y, const Layout& layout, const ChannelAffines<opmath_t>& affines) {
+void normalize_planar(const scalar_t* x, scalar_t* y, const Layout& layout, const ChannelAffines<opmath_t>& affines,
+                      bool stream) {
   const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, layout.num_rows));
   at::parallel_for(0, layout.channels, grain, [&](int64_t c_begin, int64_t c_end) {
     for (int64_t c = c_begin; c < c_end; ++c) {
-      normalize_channel(x, y, layout, c, affines.get(c));
+      normalize_channel(x, y, layout, c, affines.get(c), stream);
     }
   });
 }
 
 template <typename opmath_t, typename scalar_t>
-void normalize_all_rows(const scalar_t* x, scalar_t* y, const Layout& layout, const ChannelAffines<opmath_t>& affines) {
+void normalize_all_rows(const scalar_t* x, scalar_t* y, const Layout& layout, const ChannelAffines<opmath_t>& affines,
+                        bool stream) {
   const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, layout.channels));
   at::parallel_for(0, layout.num_rows, grain, [&](int64_t begin, int64_t end) {
-    normalize_rows(x, y, layout.channels, begin, end, affines);
+    normalize_rows(x, y, layout.channels, begin, end, affines, stream);
   });
 }
 
@@ -338,22 +418,57 @@ struct RowPartition {
   int64_t channel_end(int64_t task) const { return std::min(channels, channel_begin(task) + kChannelBlock); }
 };
 
+// Vectors of channels whose sums a rows reduction keeps in registers while it walks the rows.
+constexpr int64_t kRowChunkVecs = 4;
+
 // Per-channel pair sums over rows [row_begin, row_end) of a block of `width` channels of a rows
-// tensor: compute-type accumulators, flushed every kFlushEvery rows into accumulation-type ones.
-// terms(r, first, second) adds row r's terms of the block's channels to first[j], second[j].
-template <typename opmath_t, typename acc_t, typename Terms>
+// tensor, added to first[j], second[j] (accumulation type). terms(r, j, first, second) adds row r's
+// terms of channel j to compute-type accumulators, or of channels j.. when they are vectors. Chunks
+// of channels are summed in registers over kFlushEvery rows, then flushed.
+template <typename scalar_t, typename acc_t, typename Terms>
 void add_rows(int64_t row_begin, int64_t row_end, int64_t width, acc_t* first, acc_t* second, const Terms& terms) {
-  opmath_t first_rows[kChannelBlock];
-  opmath_t second_rows[kChannelBlock];
-  for (int64_t r = row_begin; r < row_end;) {
-    std::fill(first_rows, first_rows + width, opmath_t(0));
-    std::fill(second_rows, second_rows + width, opmath_t(0));
-    for (const int64_t flush_end = std::min(row_end, r + kFlushEvery); r < flush_end; ++r) {
-      terms(r, first_rows, second_rows);
+  using Vec = OpVec<scalar_t>;
+  using opmath_t = at::opmath_type<scalar_t>;
+  const auto flush = [](const Vec& lanes, acc_t* totals) {
+    opmath_t values[Vec::size()];
+    lanes.store(values);
+    for (int64_t i = 0; i < Vec::size(); ++i) {
+      totals[i] += values[i];
     }
-    for (int64_t j = 0; j < width; ++j) {
-      first[j] += first_rows[j];
-      second[j] += second_rows[j];
+  };
+  const auto add_chunk = [&]<int64_t kVecs>(std::integral_constant<int64_t, kVecs>, int64_t r0, int64_t r1, int64_t j) {
+    Vec first_lanes[kVecs];
+    Vec second_lanes[kVecs];
+    for (int64_t k = 0; k < kVecs; ++k) {
+      first_lanes[k] = second_lanes[k] = Vec(opmath_t(0));
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t k = 0; k < kVecs; ++k) {
+        terms(r, j + k * Vec::size(), first_lanes[k], second_lanes[k]);
+      }
+    }
+    for (int64_t k = 0; k < kVecs; ++k) {
+      flush(first_lanes[k], first + j + k * Vec::size());
+      flush(second_lanes[k], second + j + k * Vec::size());
+    }
+  };
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += kFlushEvery) {
+    const int64_t r1 = std::min(row_end, r0 + kFlushEvery);
+    int64_t j = 0;
+    for (; j + kRowChunkVecs * Vec::size() <= width; j += kRowChunkVecs * Vec::size()) {
+      add_chunk(std::integral_constant<int64_t, kRowChunkVecs>{}, r0, r1, j);
+    }
+    for (; j + Vec::size() <= width; j += Vec::size()) {
+      add_chunk(std::integral_constant<int64_t, 1>{}, r0, r1, j);
+    }
+    for (; j < width; ++j) {
+      opmath_t first_tail = 0;
+      opmath_t second_tail = 0;
+      for (int64_t r = r0; r < r1; ++r) {
+        terms(r, j, first_tail, second_tail);
+      }
+      first[j] += first_tail;
+      second[j] += second_tail;
     }
   }
 }
@@ -381,13 +496,12 @@ std::vector<Moments<acc_t>> rows_moments(const scalar_t* x, const Layout& layout
       std::fill(sum, sum + (c1 - c0), acc_t(0));
       std::fill(sum_sq, sum_sq + (c1 - c0), acc_t(0));
       const int64_t width = c1 - c0;
-      add_rows<opmath_t>(r0, r1, width, sum, sum_sq, [&](int64_t r, opmath_t* s1, opmath_t* s2) {
-        const scalar_t* row = x + r * channels + c0;
-        for (int64_t j = 0; j < width; ++j) {
-          const opmath_t d = static_cast<opmath_t>(row[j]) - shift[j];
-          s1[j] += d;
-          s2[j] += d * d;
-        }
+      const scalar_t* block = x + c0;
+      add_rows<scalar_t>(r0, r1, width, sum, sum_sq, [&](int64_t r, int64_t j, auto& s1, auto& s2) {
+        using T = std::decay_t<decltype(s1)>;
+        const T d = load_as<T>(block + r * channels + j) - load_as<T>(shift + j);
+        s1 = s1 + d;
+        s2 = s2 + d * d;
       });
       for (int64_t j = 0; j < width; ++j) {
         part_moments[part * channels + c0 + j] =
@@ -421,16 +535,16 @@ std::pair<std::vector<acc_t>, std::vector<acc_t>> rows_grad_sums(const scalar_t*
       const int64_t c1 = partition.channel_end(task);
       const int64_t width = c1 - c0;
       const opmath_t* block_mean = mean + c0;
-      add_rows<opmath_t>(partition.row_begin(part), partition.row_begin(part + 1), width,
+      const scalar_t* dy_block = dy + c0;
+      const scalar_t* x_block = x + c0;
+      add_rows<scalar_t>(partition.row_begin(part), partition.row_begin(part + 1), width,
                          part_dy.data() + part * channels + c0, part_dy_xmu.data() + part * channels + c0,
-                         [&](int64_t r, opmath_t* sum_dy, opmath_t* sum_dy_xmu) {
-                           const scalar_t* dy_row = dy + r * channels + c0;
-                           const scalar_t* x_row = x + r * channels + c0;
-                           for (int64_t j = 0; j < width; ++j) {
-                             const opmath_t g = static_cast<opmath_t>(dy_row[j]);
-                             sum_dy[j] += g;
-                             sum_dy_xmu[j] += g * (static_cast<opmath_t>(x_row[j]) - block_mean[j]);
-                           }
+                         [&](int64_t r, int64_t j, auto& sum_dy, auto& sum_dy_xmu) {
+                           using T = std::decay_t<decltype(sum_dy)>;
+                           const int64_t offset = r * channels + j;
+                           const T g = load_as<T>(dy_block + offset);
+                           sum_dy = sum_dy + g;
+                           sum_dy_xmu = sum_dy_xmu + g * (load_as<T>(x_block + offset) - load_as<T>(block_mean + j));
                          });
     }
   });
@@ -451,6 +565,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
   const auto [x, layout] = kernel_view(input);
   const auto stats_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
   Tensor output = at::empty_like(x);
+  const bool stream = streams(output);
   Tensor save_mean = at::empty({layout.channels}, stats_options);
   Tensor save_invstd = at::empty({layout.channels}, stats_options);
   if (layout.num_rows == 0) {
@@ -479,7 +594,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
           const double invstd = inverse_std(double(moments.m2) / double(moments.count), eps);
           mean_data[c] = static_cast<opmath_t>(mean);
           invstd_data[c] = static_cast<opmath_t>(invstd);
-          normalize_channel(x_data, y_data, layout, c, normalize_affine<opmath_t>(mean, invstd, w[c], b[c]));
+          normalize_channel(x_data, y_data, layout, c, normalize_affine<opmath_t>(mean, invstd, w[c], b[c]), stream);
         }
       });
       return;
@@ -493,7 +608,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
       invstd_data[c] = static_cast<opmath_t>(invstd);
       affines.set(c, normalize_affine<opmath_t>(mean, invstd, w[c], b[c]));
     }
-    normalize_all_rows(x_data, y_data, layout, affines);
+    normalize_all_rows(x_data, y_data, layout, affines, stream);
   });
   return {output, save_mean, save_invstd};
 }
@@ -506,6 +621,7 @@ Tensor batch_norm_eval(const Tensor& input, const Tensor& running_mean, const Te
   if (x.numel() == 0) {
     return output;
   }
+  const bool stream = streams(output);
   const std::vector<double> mean_values = read_channels(running_mean, layout.channels, 0.0);
   const std::vector<double> var_values = read_channels(running_var, layout.channels, 1.0);
   const std::vector<double> weight_values = read_channels(weight, layout.channels, 1.0);
@@ -524,9 +640,9 @@ Tensor batch_norm_eval(const Tensor& input, const Tensor& running_mean, const Te
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     scalar_t* y_data = output.mutable_data_ptr<scalar_t>();
     if (layout.rows) {
-      normalize_all_rows(x_data, y_data, layout, affines);
+      normalize_all_rows(x_data, y_data, layout, affines, stream);
     } else {
-      normalize_planar(x_data, y_data, layout, affines);
+      normalize_planar(x_data, y_data, layout, affines, stream);
     }
   });
   return output;
@@ -550,6 +666,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
   const auto param_options = has_weight ? weight->options() : input.options();
   const auto skipped = [&](const at::TensorOptions& options) { return at::empty({0}, options); };
   Tensor grad_input = output_mask[0] ? at::empty_like(x) : skipped(input.options());
+  const bool stream = streams(grad_input);
   const bool need_sums = output_mask[1] || output_mask[2] || (training && output_mask[0]);
 
   const int64_t channels = layout.channels;
@@ -591,12 +708,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
             }
             const InputGradient<opmath_t> g = gradient(c);
             if (!training) {
-              normalize_channel(dy_data, dx_data, layout, c, Affine<opmath_t>{0, g.dy_scale, 0});
+              normalize_channel(dy_data, dx_data, layout, c, Affine<opmath_t>{0, g.dy_scale, 0}, stream);
               continue;
             }
             for (int64_t n = 0; n < layout.batch; ++n) {
               const int64_t offset = (n * channels + c) * layout.inner;
-              input_grad_run(dy_data + offset, x_data + offset, dx_data + offset, layout.inner, mean_op[c], g);
+              input_grad_run(dy_data + offset, x_data + offset, dx_data + offset, layout.inner, mean_op[c], g, stream);
             }
           }
         });
@@ -617,7 +734,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
           dy_affines.set(c, Affine<opmath_t>{0, gradient(c).dy_scale, 0});
         }
         at::parallel_for(0, layout.num_rows, grain, [&](int64_t begin, int64_t end) {
-          normalize_rows(dy_data, dx_data, channels, begin, end, dy_affines);
+          normalize_rows(dy_data, dx_data, channels, begin, end, dy_affines, stream);
         });
         return;
       }
@@ -635,12 +752,15 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
           const scalar_t* dy_row = dy_data + r * channels;
           const scalar_t* x_row = x_data + r * channels;
           scalar_t* dx_row = dx_data + r * channels;
-          for (int64_t c = 0; c < channels; ++c) {
-            const opmath_t xmu = static_cast<opmath_t>(x_row[c]) - mean_op[c];
-            dx_row[c] = static_cast<scalar_t>(static_cast<opmath_t>(dy_row[c]) * dy_scale[c] +
-                                              (xmu * xmu_scale[c] + shift[c]));
-          }
+          for_each_channel<scalar_t>(channels, [&](int64_t c, auto kind) {
+            using T = decltype(kind);
+            const T xmu = load_as<T>(x_row + c) - load_as<T>(mean_op.data() + c);
+            const T xmu_term = multiply_add(xmu, load_as<T>(xmu_scale.data() + c), load_as<T>(shift.data() + c));
+            store_output(dx_row + c, multiply_add(load_as<T>(dy_row + c), load_as<T>(dy_scale.data() + c), xmu_term),
+                         stream);
+          });
         }
+        finish_streaming(stream);
       });
     });
   }
