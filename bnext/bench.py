@@ -534,7 +534,9 @@ def write_json(path, args, plan, results, summary):
     log(f"wrote {path}")
 
 
-def write_plot(path, summary):
+def write_plot(path, results, title):
+    """Two panels per dtype, a bar per case and shape: speedup over torch, and bnext's time as a
+    multiple of the copy floor (torch's as dots)."""
     try:
         import matplotlib
 
@@ -543,14 +545,35 @@ def write_plot(path, summary):
     except ImportError:
         log(f"matplotlib is not installed; skipping the plot {path}")
         return
-    labels = [f"{row['case']}\n{row['dtype']}" for row in summary]
-    figure, axes = plt.subplots(figsize=(max(4, 1.2 * len(labels)), 4))
-    axes.bar(labels, [row["geomean_speedup"] for row in summary])
-    axes.axhline(1.0, color="black", linewidth=0.8)  # parity with torch
-    axes.set_ylabel("geomean speedup over torch (x)")
-    axes.set_title("bnext.batch_norm vs torch.nn.functional.batch_norm")
+    dtypes = list(dict.fromkeys(r.dtype for r in results))
+    cases = list(dict.fromkeys(r.case for r in results))
+    configs = list(dict.fromkeys((r.shape, r.layout) for r in results))
+    labels = [f"{format_shape(shape)}\n{layout.replace('channels_last', 'CL')}" for shape, layout in configs]
+    width = 0.8 / len(cases)
+    figure, axes = plt.subplots(
+        2 * len(dtypes), 1, figsize=(max(8, 0.55 * len(configs)), 5.5 * len(dtypes)), squeeze=False
+    )
+    for d, dtype in enumerate(dtypes):
+        speed_axes, floor_axes = axes[2 * d][0], axes[2 * d + 1][0]
+        for k, case in enumerate(cases):
+            by_config = {(r.shape, r.layout): r for r in results if r.dtype == dtype and r.case == case}
+            positions = [i + (k - (len(cases) - 1) / 2) * width for i in range(len(configs))]
+            rows = [by_config.get(config) for config in configs]
+            speed_axes.bar(positions, [r.speedup if r else 0 for r in rows], width, label=case)
+            floor_axes.bar(positions, [r.bnext_floor_multiple if r else 0 for r in rows], width, label=case)
+            floor_axes.plot(positions, [r.torch_floor_multiple if r else float("nan") for r in rows], "k.",
+                            markersize=3, label="torch" if k == 0 else None)
+        speed_axes.axhline(1.0, color="black", linewidth=0.8)  # parity with torch
+        speed_axes.set_ylabel("speedup over torch (x)")
+        speed_axes.set_title(f"{title}, {dtype}")
+        floor_axes.axhline(1.0, color="black", linewidth=0.8)  # the copy floor
+        floor_axes.set_ylabel("time / copy floor")
+        floor_axes.set_yscale("log")
+        for ax in (speed_axes, floor_axes):
+            ax.set_xticks(range(len(configs)), labels, fontsize=6, rotation=90)
+            ax.legend(fontsize=7, ncol=len(cases) + 1)
     figure.tight_layout()
-    figure.savefig(path)
+    figure.savefig(path, dpi=120)
     log(f"wrote {path}")
 
 
@@ -636,7 +659,9 @@ def parse_args(argv=None):
         "--repeat", type=int, help="timed repetitions per case (default: adaptive, about 1 s per case, 0.25 s --quick)"
     )
     parser.add_argument("--json", metavar="PATH", help="write results and metadata as JSON (e.g. benchmarks/results/)")
-    parser.add_argument("--plot", metavar="PATH", help="save a PNG bar chart of speedup per case (needs matplotlib)")
+    parser.add_argument(
+        "--plot", metavar="PATH", help="save a PNG chart of speedup and multiple of the copy floor per case (needs matplotlib)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed for the data")
     parser.add_argument(
         "--system-malloc",
@@ -651,6 +676,12 @@ def parse_args(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this torch has no CUDA device")
     return args
+
+
+def plot_title(args):
+    if args.device == "cuda":
+        return f"bnext vs torch on {torch.cuda.get_device_name()}"
+    return f"bnext vs torch, {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def timing_plan(args):
@@ -681,7 +712,7 @@ def main(argv=None):
     if args.json:
         write_json(args.json, args, plan, results, summary)
     if args.plot:
-        write_plot(args.plot, summary)
+        write_plot(args.plot, results, plot_title(args))
 
 
 if __name__ == "__main__":

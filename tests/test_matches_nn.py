@@ -95,7 +95,7 @@ LARGE_SHAPES = {
     "many_rows": (64, 3, 40, 40),
     "long_runs": (3, 2, 9000),
     "wide_rows": (40, 1100, 3),
-    # float32 outputs of 4 MB and more are written with streaming stores; runs aligned and not.
+    # float32 outputs of 4 MB and more: streamed when their runs fill whole lines (aligned), else not.
     "streamed_aligned": (16, 64, 32, 33),
     "streamed_unaligned": (8, 130, 31, 33),
 }

@@ -251,8 +251,13 @@ void for_each_channel(int64_t channels, const Body& body) {
   }
 }
 
-bool streams(const Tensor& output) {
-  return output.scalar_type() == at::kFloat && output.nbytes() >= kStreamBytes;
+// Whether to stream `output`: only when every vector store of its runs (planes, or rows) covers
+// whole aligned lines, since a partly written line makes streaming stores slow.
+bool streams(const Tensor& output, const Layout& layout) {
+  constexpr int64_t kLanes = at::vec::Vectorized<float>::size();
+  const int64_t run = layout.rows ? layout.channels : layout.inner;
+  return output.scalar_type() == at::kFloat && output.nbytes() >= kStreamBytes && run % kLanes == 0 &&
+         reinterpret_cast<uintptr_t>(output.const_data_ptr()) % 64 == 0;
 }
 
 // store_as, with a streaming store for an aligned float vector when `stream` is set.
@@ -565,7 +570,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
   const auto [x, layout] = kernel_view(input);
   const auto stats_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
   Tensor output = at::empty_like(x);
-  const bool stream = streams(output);
+  const bool stream = streams(output, layout);
   Tensor save_mean = at::empty({layout.channels}, stats_options);
   Tensor save_invstd = at::empty({layout.channels}, stats_options);
   if (layout.num_rows == 0) {
@@ -621,7 +626,7 @@ Tensor batch_norm_eval(const Tensor& input, const Tensor& running_mean, const Te
   if (x.numel() == 0) {
     return output;
   }
-  const bool stream = streams(output);
+  const bool stream = streams(output, layout);
   const std::vector<double> mean_values = read_channels(running_mean, layout.channels, 0.0);
   const std::vector<double> var_values = read_channels(running_var, layout.channels, 1.0);
   const std::vector<double> weight_values = read_channels(weight, layout.channels, 1.0);
@@ -666,7 +671,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
   const auto param_options = has_weight ? weight->options() : input.options();
   const auto skipped = [&](const at::TensorOptions& options) { return at::empty({0}, options); };
   Tensor grad_input = output_mask[0] ? at::empty_like(x) : skipped(input.options());
-  const bool stream = streams(grad_input);
+  const bool stream = output_mask[0] && streams(grad_input, layout);
   const bool need_sums = output_mask[1] || output_mask[2] || (training && output_mask[0]);
 
   const int64_t channels = layout.channels;
