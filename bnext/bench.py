@@ -216,16 +216,32 @@ def mismatch(actual, expected, dtype):
     return f"max abs error {error:.3g} (rtol={rtol}, atol={scaled_atol:.3g})"
 
 
+def max_error(actual, exact):
+    return (actual.double() - exact).abs().max().item()
+
+
 def check_configuration(config):
-    """Mismatch descriptions for one configuration; empty when bnext agrees with torch."""
+    """Mismatch descriptions for one configuration; empty when bnext agrees with torch.
+
+    Where the two differ by more than the tolerance (bfloat16 sums over many values, rounded to
+    bfloat16), bnext still passes if it is at least as close to float64 math as torch (within 2x).
+    """
     x = random_tensor(config)
     grad_output = random_tensor(config)
     parameters = random_parameters(config, requires_grad=True)
     bnext_tensors = run_reference_step(bnext.batch_norm, x, grad_output, parameters)
     torch_tensors = run_reference_step(F.batch_norm, x, grad_output, parameters)
+    exact_tensors = None
     problems = []
     for name, expected in torch_tensors.items():
         problem = mismatch(bnext_tensors[name], expected, config.dtype)
+        if problem and bnext_tensors[name] is not None and bnext_tensors[name].shape == expected.shape:
+            if exact_tensors is None:
+                exact_parameters = tuple(t.double().requires_grad_(t.requires_grad) for t in parameters)
+                exact_tensors = run_reference_step(F.batch_norm, x.double(), grad_output.double(), exact_parameters)
+            exact = exact_tensors[name]
+            if max_error(bnext_tensors[name], exact) <= 2 * max_error(expected, exact):
+                problem = None
         if problem:
             problems.append(f"{config.describe()}: {name}: {problem}")
     return problems
