@@ -434,9 +434,10 @@ template <typename scalar_t, typename acc_t, typename Terms>
 void add_rows(int64_t row_begin, int64_t row_end, int64_t width, acc_t* first, acc_t* second, const Terms& terms) {
   using Vec = OpVec<scalar_t>;
   using opmath_t = at::opmath_type<scalar_t>;
-  const auto flush = [](const Vec& lanes, acc_t* totals) {
+  const auto flush = [](const Vec& lanes, acc_t* __restrict totals) {
     opmath_t values[Vec::size()];
     lanes.store(values);
+#pragma omp simd
     for (int64_t i = 0; i < Vec::size(); ++i) {
       totals[i] += values[i];
     }
