@@ -11,6 +11,11 @@
 
 namespace bnext {
 
+// An optional tensor argument that was passed (Python None arrives as nullopt or undefined).
+inline bool is_given(const std::optional<at::Tensor>& tensor) {
+  return tensor.has_value() && tensor->defined();
+}
+
 inline int64_t num_channels(const at::Tensor& input) {
   return input.size(1);
 }
@@ -48,7 +53,7 @@ inline void check_channel_tensor(const at::Tensor& input, const at::Tensor& tens
 
 inline void check_optional_channel_tensor(const at::Tensor& input, const std::optional<at::Tensor>& tensor,
                                           const char* name) {
-  if (tensor.has_value() && tensor->defined()) {
+  if (is_given(tensor)) {
     check_channel_tensor(input, *tensor, name);
   }
 }
@@ -115,7 +120,7 @@ inline void check_running_stats_args(const at::Tensor& running_mean, const at::T
                 tensor.device(), " but save_mean is on ", save_mean.device());
   }
   TORCH_CHECK_VALUE(count >= 0, "bnext update_running_stats: count must be non-negative, got ", count);
-  const bool has_counter = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  const bool has_counter = is_given(num_batches_tracked);
   if (has_counter) {
     TORCH_CHECK(num_batches_tracked->numel() == 1 && num_batches_tracked->scalar_type() == at::kLong,
                 "bnext update_running_stats: num_batches_tracked must be a one-element int64 tensor, got ",

@@ -8,6 +8,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include "../batch_norm_checks.h"
+
 namespace bnext::autograd {
 namespace {
 
@@ -64,10 +66,6 @@ variable_list masked_gradients(const TrainResult& gradients, std::array<bool, 3>
   return {mask[0] ? grad_input : Tensor(), mask[1] ? grad_weight : Tensor(), mask[2] ? grad_bias : Tensor()};
 }
 
-bool given(const OptionalTensor& tensor) {
-  return tensor.has_value() && tensor->defined();
-}
-
 // Whether autograd wants the gradients of (input, weight, bias); input is the first argument and
 // weight the `weight_edge`th tensor. needs_input_grad counts edges: an absent optional has none.
 std::array<bool, 3> gradient_mask(AutogradContext* ctx, size_t weight_edge) {
@@ -79,8 +77,8 @@ std::array<bool, 3> gradient_mask(AutogradContext* ctx, size_t weight_edge) {
 }
 
 void save_affine_arguments(AutogradContext* ctx, const OptionalTensor& weight, const OptionalTensor& bias) {
-  ctx->saved_data["has_weight"] = given(weight);
-  ctx->saved_data["has_bias"] = given(bias);
+  ctx->saved_data["has_weight"] = is_given(weight);
+  ctx->saved_data["has_bias"] = is_given(bias);
 }
 
 struct TrainFunction : torch::autograd::Function<TrainFunction> {

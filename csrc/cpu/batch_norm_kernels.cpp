@@ -68,7 +68,7 @@ int64_t channel_stride(const Tensor& run) {
 // The C values of a per-channel tensor as float64; `fill` where the tensor is absent.
 std::vector<double> read_channels(const std::optional<Tensor>& t, int64_t channels, double fill) {
   std::vector<double> values(channels, fill);
-  if (!t.has_value() || !t->defined()) {
+  if (!is_given(t)) {
     return values;
   }
   const Tensor run = channel_run(*t);
@@ -668,7 +668,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
   check_backward_args(grad_output, input, weight, mean, invstd);
   const auto [x, layout] = kernel_view(input);
   const Tensor dy = as_layout(grad_output, layout);
-  const bool has_weight = weight.has_value() && weight->defined();
+  const bool has_weight = is_given(weight);
   const auto param_options = has_weight ? weight->options() : input.options();
   const auto skipped = [&](const at::TensorOptions& options) { return at::empty({0}, options); };
   Tensor grad_input = output_mask[0] ? at::empty_like(x) : skipped(input.options());
@@ -788,7 +788,7 @@ void update_running_stats(Tensor& running_mean, Tensor& running_var, const std::
                           std::optional<double> momentum) {
   check_running_stats_args(running_mean, running_var, num_batches_tracked, save_mean, save_invstd, count, momentum);
   double factor = momentum.value_or(0.0);
-  if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
+  if (is_given(num_batches_tracked)) {
     int64_t& batches = *num_batches_tracked->mutable_data_ptr<int64_t>();
     batches += 1;
     if (!momentum.has_value()) {

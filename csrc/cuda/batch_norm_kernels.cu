@@ -312,7 +312,7 @@ at::ScalarType acc_dtype(at::ScalarType dtype) {
 
 // A per-channel tensor as a contiguous tensor of the accumulation type, on the device (no sync).
 Tensor channel_values(const std::optional<Tensor>& t, int64_t channels, at::ScalarType dtype) {
-  if (!t.has_value() || !t->defined()) {
+  if (!is_given(t)) {
     return Tensor();
   }
   return t->reshape({channels}).to(dtype).contiguous();
@@ -408,7 +408,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
   const c10::cuda::CUDAGuard guard(input.device());
   const auto [x, layout] = kernel_view(input);
   const Tensor dy = as_layout(grad_output, layout);
-  const bool has_weight = weight.has_value() && weight->defined();
+  const bool has_weight = is_given(weight);
   const auto param_options = has_weight ? weight->options() : input.options();
   const auto stats_dtype = acc_dtype(input.scalar_type());
   Tensor grad_input = output_mask[0] ? at::empty_like(x) : at::empty({0}, input.options());
@@ -478,7 +478,7 @@ void update_running_stats(Tensor& running_mean, Tensor& running_var, const std::
   TORCH_CHECK(save_mean.is_cuda(), "bnext update_running_stats (CUDA): save_mean must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(save_mean.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool has_counter = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  const bool has_counter = is_given(num_batches_tracked);
   if (has_counter) {
     increment_counter<<<1, 1, 0, stream>>>(num_batches_tracked->mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
