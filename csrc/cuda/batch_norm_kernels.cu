@@ -323,6 +323,16 @@ const acc_t* data_or_null(const Tensor& t) {
   return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
 }
 
+// y = (x - center) * scale + shift with the per-channel [center | scale | shift] in `affine`.
+template <typename scalar_t, typename acc_t>
+void launch_normalize(const Tensor& x, Tensor& output, const Layout& layout, const Tensor& affine,
+                      cudaStream_t stream) {
+  normalize<scalar_t, acc_t><<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
+      x.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), x.numel(), layout.channels,
+      flat_inner(layout), affine.const_data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void check_cuda(const Tensor& input) {
   TORCH_CHECK(input.is_cuda(), "bnext batch_norm (CUDA): input must be a CUDA tensor, got ", input.device());
 }
@@ -358,10 +368,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
         data_or_null<acc_t>(bias_values), save_mean.mutable_data_ptr<acc_t>(), save_invstd.mutable_data_ptr<acc_t>(),
         affine.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    normalize<scalar_t, acc_t><<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), x.numel(), layout.channels,
-        flat_inner(layout), affine.const_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_normalize<scalar_t, acc_t>(x, output, layout, affine, stream);
   });
   return {output, save_mean, save_invstd};
 }
@@ -391,10 +398,7 @@ Tensor batch_norm_eval(const Tensor& input, const Tensor& running_mean, const Te
         static_cast<acc_t>(eps), data_or_null<acc_t>(weight_values), data_or_null<acc_t>(bias_values),
         affine.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    normalize<scalar_t, acc_t><<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), x.numel(), layout.channels,
-        flat_inner(layout), affine.const_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_normalize<scalar_t, acc_t>(x, output, layout, affine, stream);
   });
   return output;
 }
