@@ -49,10 +49,14 @@ constexpr int64_t kGrainValues = 32768;
 constexpr int64_t kMaxParts = 64;
 constexpr int64_t kMinPartValues = 16384;
 constexpr int64_t kMinPartRows = 64;
-// float32 outputs of at least this size (about the L2 of two cores) are written with streaming
-// (non-temporal) stores: they skip reading each output line before writing it, which costs a
-// third of a copy's memory traffic, and would not stay in cache anyway.
+// float32 outputs of at least kStreamBytes (about the L2 of two cores) and less than
+// kStreamMaxBytes are written with streaming (non-temporal) stores: they skip reading each output
+// line before writing it, which costs a third of a copy's memory traffic. From kStreamMaxBytes on,
+// glibc (whose dynamic mmap threshold stops at 32 MB) maps every output afresh; the kernel zeroes
+// each new page into cache on first touch, and a streaming store over those dirty lines writes
+// them back twice: measured 1.4x slower than ordinary stores on 49 and 98 MB outputs.
 constexpr int64_t kStreamBytes = int64_t(4) << 20;
+constexpr int64_t kStreamMaxBytes = int64_t(32) << 20;
 // Channels of a rows tensor reduced together by one task.
 constexpr int64_t kChannelBlock = 2048;
 
@@ -256,7 +260,8 @@ void for_each_channel(int64_t channels, const Body& body) {
 bool streams(const Tensor& output, const Layout& layout) {
   constexpr int64_t kLanes = at::vec::Vectorized<float>::size();
   const int64_t run = layout.rows ? layout.channels : layout.inner;
-  return output.scalar_type() == at::kFloat && output.nbytes() >= kStreamBytes && run % kLanes == 0 &&
+  return output.scalar_type() == at::kFloat && output.nbytes() >= kStreamBytes &&
+         output.nbytes() < kStreamMaxBytes && run % kLanes == 0 &&
          reinterpret_cast<uintptr_t>(output.const_data_ptr()) % 64 == 0;
 }
 
@@ -278,13 +283,18 @@ void store_output(scalar_t* data, const T& values, bool stream) {
   store_as(data, values);
 }
 
-// Orders a thread's streaming stores before whatever it does next (they are weakly ordered).
-void finish_streaming(bool stream) {
+// at::parallel_for whose chunks each end by ordering the thread's streaming stores (they are
+// weakly ordered) before the region's end: one fence per chunk, as a fence per plane stalls.
+template <typename F>
+void parallel_for_output(int64_t begin, int64_t end, int64_t grain, bool stream, const F& body) {
+  at::parallel_for(begin, end, grain, [&](int64_t chunk_begin, int64_t chunk_end) {
+    body(chunk_begin, chunk_end);
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  if (stream) {
-    _mm_sfence();
-  }
+    if (stream) {
+      _mm_sfence();
+    }
 #endif
+  });
 }
 
 // Per-channel normalize coefficients of a rows tensor, one array each so the channel loop vectorizes.
@@ -312,7 +322,6 @@ void normalize_run(const scalar_t* x, scalar_t* y, int64_t n, const Affine<opmat
   for (; i + Vec::size() <= n; i += Vec::size()) {
     store_output(y + i, at::vec::fmadd(load_vec(x + i) - center, scale, shift), stream);
   }
-  finish_streaming(stream);
   if constexpr (std::is_same_v<scalar_t, opmath_t>) {
     // One partial vector for the tail: short planes (7x7) are mostly tail.
     if (i < n) {
@@ -341,7 +350,6 @@ void normalize_rows(const scalar_t* x, scalar_t* y, int64_t channels, int64_t ro
       store_output(y_row + c, multiply_add(centered, load_as<T>(scale + c), load_as<T>(shift + c)), stream);
     });
   }
-  finish_streaming(stream);
 }
 
 // dx = dy * dy_scale + (x - mean) * xmu_scale + shift over n values.
@@ -355,7 +363,6 @@ void input_grad_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t
     const Vec xmu_term = at::vec::fmadd(load_vec(x + i) - mean_vec, xmu_scale, shift);
     store_output(dx + i, at::vec::fmadd(load_vec(dy + i), dy_scale, xmu_term), stream);
   }
-  finish_streaming(stream);
   if constexpr (std::is_same_v<scalar_t, opmath_t>) {
     if (i < n) {
       const Vec xmu_term = at::vec::fmadd(Vec::loadu(x + i, n - i) - mean_vec, xmu_scale, shift);
@@ -384,7 +391,7 @@ template <typename opmath_t, typename scalar_t>
 void normalize_planar(const scalar_t* x, scalar_t* y, const Layout& layout, const ChannelAffines<opmath_t>& affines,
                       bool stream) {
   const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, layout.num_rows));
-  at::parallel_for(0, layout.channels, grain, [&](int64_t c_begin, int64_t c_end) {
+  parallel_for_output(0, layout.channels, grain, stream, [&](int64_t c_begin, int64_t c_end) {
     for (int64_t c = c_begin; c < c_end; ++c) {
       normalize_channel(x, y, layout, c, affines.get(c), stream);
     }
@@ -395,7 +402,7 @@ template <typename opmath_t, typename scalar_t>
 void normalize_all_rows(const scalar_t* x, scalar_t* y, const Layout& layout, const ChannelAffines<opmath_t>& affines,
                         bool stream) {
   const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, layout.channels));
-  at::parallel_for(0, layout.num_rows, grain, [&](int64_t begin, int64_t end) {
+  parallel_for_output(0, layout.num_rows, grain, stream, [&](int64_t begin, int64_t end) {
     normalize_rows(x, y, layout.channels, begin, end, affines, stream);
   });
 }
@@ -593,7 +600,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
     opmath_t* invstd_data = save_invstd.mutable_data_ptr<opmath_t>();
     if (!layout.rows) {
       // Channel by channel: the normalize pass re-reads the channel while the statistics pass left it in cache.
-      at::parallel_for(0, layout.channels, 1, [&](int64_t c_begin, int64_t c_end) {
+      parallel_for_output(0, layout.channels, 1, stream, [&](int64_t c_begin, int64_t c_end) {
         for (int64_t c = c_begin; c < c_end; ++c) {
           const auto moments = planar_channel_moments(x_data, layout, c);
           const double mean = moments.mean;
@@ -703,7 +710,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
                                        static_cast<opmath_t>(g.shift)};
       };
       if (!layout.rows) {
-        at::parallel_for(0, channels, 1, [&](int64_t c_begin, int64_t c_end) {
+        parallel_for_output(0, channels, 1, stream, [&](int64_t c_begin, int64_t c_end) {
           for (int64_t c = c_begin; c < c_end; ++c) {
             if (need_sums) {
               std::tie(sum_dy[c], sum_dy_xmu[c]) =
@@ -739,7 +746,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
         for (int64_t c = 0; c < channels; ++c) {
           dy_affines.set(c, Affine<opmath_t>{0, gradient(c).dy_scale, 0});
         }
-        at::parallel_for(0, layout.num_rows, grain, [&](int64_t begin, int64_t end) {
+        parallel_for_output(0, layout.num_rows, grain, stream, [&](int64_t begin, int64_t end) {
           normalize_rows(dy_data, dx_data, channels, begin, end, dy_affines, stream);
         });
         return;
@@ -753,7 +760,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
         xmu_scale[c] = g.xmu_scale;
         shift[c] = g.shift;
       }
-      at::parallel_for(0, layout.num_rows, grain, [&](int64_t begin, int64_t end) {
+      parallel_for_output(0, layout.num_rows, grain, stream, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const scalar_t* dy_row = dy_data + r * channels;
           const scalar_t* x_row = x_data + r * channels;
@@ -766,7 +773,6 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
                          stream);
           });
         }
-        finish_streaming(stream);
       });
     });
   }
