@@ -47,11 +47,12 @@ class BatchNorm3d(_BnextForward, nn.BatchNorm3d):
 
 
 _TWINS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
-def _twin(module):
-    """A bnext module sharing the original's parameters, buffers, hooks and mode."""
-    twin = _TWINS[type(module)].__new__(_TWINS[type(module)])
+def _twin(module, cls):
+    """A `cls` module sharing the original's parameters, buffers, hooks and mode."""
+    twin = cls.__new__(cls)
     twin.__dict__.update(module.__dict__)
     twin._parameters = dict(module._parameters)
     twin._buffers = dict(module._buffers)
@@ -59,17 +60,37 @@ def _twin(module):
     return twin
 
 
-def convert(module: nn.Module) -> nn.Module:
-    """Replace every nn.BatchNorm1d/2d/3d in `module` (recursively, in place) by its bnext twin.
+def _replacement(module, sync):
+    """The class to turn `module` into, or None to leave it (and look into its children)."""
+    from .distributed import SyncBatchNorm
 
-    The twins share the originals' parameters and buffers (so optimizers built before the call keep
-    working), device, dtype and train/eval mode. Returns the converted module, which is a new object
-    only when `module` itself is a batch norm.
+    if sync and isinstance(module, _BATCH_NORMS):
+        return SyncBatchNorm
+    if not sync and type(module) in _TWINS:
+        return _TWINS[type(module)]
+    if not sync and type(module) is nn.SyncBatchNorm:
+        return SyncBatchNorm
+    return None
+
+
+def convert(module: nn.Module, sync: bool = False, process_group=None) -> nn.Module:
+    """Replace every batch norm in `module` (recursively, in place) by its bnext twin.
+
+    nn.BatchNorm1d/2d/3d become bnext.BatchNorm1d/2d/3d, and nn.SyncBatchNorm becomes
+    bnext.SyncBatchNorm. With sync=True every nn.BatchNorm*, nn.SyncBatchNorm and bnext batch norm
+    becomes a bnext.SyncBatchNorm over `process_group` (default: the whole world), like
+    nn.SyncBatchNorm.convert_sync_batchnorm. The twins share the originals' parameters and buffers
+    (so optimizers built before the call keep working), device, dtype and train/eval mode. Returns
+    the converted module, which is a new object only when `module` itself is a batch norm.
     """
-    if type(module) in _TWINS:
-        return _twin(module)
+    cls = _replacement(module, sync)
+    if cls is not None and type(module) is not cls:
+        twin = _twin(module, cls)
+        if sync:
+            twin.process_group = process_group
+        return twin
     for name, child in module.named_children():
-        converted = convert(child)
+        converted = convert(child, sync, process_group)
         if converted is not child:
             setattr(module, name, converted)
     return module

@@ -70,6 +70,19 @@ def _(running_mean, running_var, num_batches_tracked, save_mean, save_invstd, ep
     return None
 
 
+@torch.library.register_fake("bnext::batch_norm_stats")
+def _(input):
+    stats = input.new_empty(input.shape[1], dtype=_stats_dtype(input.dtype))
+    return stats, torch.empty_like(stats)
+
+
+@torch.library.register_fake("bnext::batch_norm_backward_elemt")
+def _(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count):
+    _check_devices(input, grad_output=grad_output, weight=weight, mean=mean, invstd=invstd, sum_dy=sum_dy,
+                   sum_dy_xmu=sum_dy_xmu, count=count)
+    return _empty_output(input)
+
+
 def _masked(grads, mask):
     return tuple(grad if wanted else None for grad, wanted in zip(grads, mask))
 

@@ -105,6 +105,20 @@ inline void check_backward_args(const at::Tensor& grad_output, const at::Tensor&
   check_channel_tensor(input, invstd, "invstd");
 }
 
+// The input-gradient pass of a SyncBatchNorm: gradient sums over every process, and their count
+// (a one-element tensor, so a device never waits for the host).
+inline void check_backward_elemt_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                      const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                      const at::Tensor& invstd, const at::Tensor& sum_dy,
+                                      const at::Tensor& sum_dy_xmu, const at::Tensor& count) {
+  check_backward_args(grad_output, input, weight, mean, invstd);
+  check_channel_tensor(input, sum_dy, "sum_dy");
+  check_channel_tensor(input, sum_dy_xmu, "sum_dy_xmu");
+  TORCH_CHECK(count.numel() == 1, "bnext batch_norm_backward_elemt: count should contain 1 element not ",
+              count.numel());
+  check_same_device(input, count, "count");
+}
+
 inline void check_running_stats_args(const at::Tensor& running_mean, const at::Tensor& running_var,
                                      const std::optional<at::Tensor>& num_batches_tracked,
                                      const at::Tensor& save_mean, const at::Tensor& save_invstd, int64_t count,

@@ -29,6 +29,13 @@ TORCH_LIBRARY(bnext, m) {
   // cumulatively with factor 1/num_batches_tracked read on the tensor's own device.
   m.def("update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, "
         "Tensor save_mean, Tensor save_invstd, float eps, SymInt count, float? momentum) -> ()");
+  // SyncBatchNorm's local passes. Per-channel mean and biased variance (the stats dtype), with
+  // no normalize: the statistics that are merged across processes.
+  m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)");
+  // Training input gradient from per-channel sums over `count` values (one-element tensor) that
+  // were reduced over every process: sum_dy = sum(dy), sum_dy_xmu = sum(dy * (x - mean)).
+  m.def("batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
+        "Tensor sum_dy, Tensor sum_dy_xmu, Tensor count) -> Tensor");
   // Eager twins of the two forwards: same results, autograd in C++ rather than through
   // register_autograd's Python layer. bnext's Python API calls them outside torch.compile/export.
   m.def("batch_norm_train_eager(Tensor input, Tensor? weight, Tensor? bias, float eps) "

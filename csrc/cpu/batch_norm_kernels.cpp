@@ -21,6 +21,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -626,6 +627,42 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
   return {output, save_mean, save_invstd};
 }
 
+// Per-channel mean and biased variance of the input, without normalizing (SyncBatchNorm's local pass).
+std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
+  check_input(input);
+  const auto [x, layout] = kernel_view(input);
+  const auto stats_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
+  Tensor mean = at::zeros({layout.channels}, stats_options);
+  Tensor var = at::zeros({layout.channels}, stats_options);
+  if (layout.num_rows == 0) {
+    return {mean, var};  // no values: count 0, which the merge across processes weighs by
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_stats", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    opmath_t* mean_data = mean.mutable_data_ptr<opmath_t>();
+    opmath_t* var_data = var.mutable_data_ptr<opmath_t>();
+    const auto store = [&](int64_t c, const auto& moments) {
+      mean_data[c] = static_cast<opmath_t>(moments.mean);
+      var_data[c] = static_cast<opmath_t>(double(moments.m2) / double(moments.count));
+    };
+    if (!layout.rows) {
+      at::parallel_for(0, layout.channels, 1, [&](int64_t c_begin, int64_t c_end) {
+        for (int64_t c = c_begin; c < c_end; ++c) {
+          store(c, planar_channel_moments(x_data, layout, c));
+        }
+      });
+      return;
+    }
+    const std::vector<Moments<acc_t>> moments = rows_moments<opmath_t, acc_t>(x_data, layout);
+    for (int64_t c = 0; c < layout.channels; ++c) {
+      store(c, moments[c]);
+    }
+  });
+  return {mean, var};
+}
+
 Tensor batch_norm_eval(const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
                        const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps) {
   check_eval_args(input, running_mean, running_var, weight, bias, eps);
@@ -668,11 +705,20 @@ Tensor channel_tensor(const std::vector<double>& values, const at::TensorOptions
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output, const Tensor& input,
-                                                       const std::optional<Tensor>& weight, const Tensor& mean,
-                                                       const Tensor& invstd, bool training,
-                                                       std::array<bool, 3> output_mask) {
-  check_backward_args(grad_output, input, weight, mean, invstd);
+// Per-channel gradient sums reduced elsewhere (over every process of a SyncBatchNorm) and the
+// number of values per channel they cover.
+struct GivenSums {
+  std::vector<double> sum_dy;
+  std::vector<double> sum_dy_xmu;
+  double count;
+};
+
+// Gradients of a forward; with `given`, the input gradient of a training forward from those sums
+// rather than from this input's own.
+std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& input,
+                                            const std::optional<Tensor>& weight, const Tensor& mean,
+                                            const Tensor& invstd, bool training, std::array<bool, 3> output_mask,
+                                            const GivenSums* given) {
   const auto [x, layout] = kernel_view(input);
   const Tensor dy = as_layout(grad_output, layout);
   const bool has_weight = is_given(weight);
@@ -680,11 +726,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
   const auto skipped = [&](const at::TensorOptions& options) { return at::empty({0}, options); };
   Tensor grad_input = output_mask[0] ? at::empty_like(x) : skipped(input.options());
   const bool stream = output_mask[0] && streams(grad_input, layout);
-  const bool need_sums = output_mask[1] || output_mask[2] || (training && output_mask[0]);
+  const bool need_sums = !given && (output_mask[1] || output_mask[2] || (training && output_mask[0]));
 
   const int64_t channels = layout.channels;
-  std::vector<double> sum_dy(channels, 0.0);
-  std::vector<double> sum_dy_xmu(channels, 0.0);
+  std::vector<double> sum_dy = given ? given->sum_dy : std::vector<double>(channels, 0.0);
+  std::vector<double> sum_dy_xmu = given ? given->sum_dy_xmu : std::vector<double>(channels, 0.0);
+  const double count = given ? given->count : static_cast<double>(layout.num_rows);
   const std::vector<double> weight_values = read_channels(weight, channels, 1.0);
   const std::vector<double> mean_values = read_channels(mean, channels, 0.0);
   const std::vector<double> invstd_values = read_channels(invstd, channels, 1.0);
@@ -705,7 +752,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
       }
       const auto gradient = [&](int64_t c) {
         const InputGradient<double> g =
-            input_gradient(is[c], w[c], sum_dy[c], sum_dy_xmu[c], static_cast<double>(layout.num_rows), training);
+            input_gradient(is[c], w[c], sum_dy[c], sum_dy_xmu[c], count, training);
         return InputGradient<opmath_t>{static_cast<opmath_t>(g.dy_scale), static_cast<opmath_t>(g.xmu_scale),
                                        static_cast<opmath_t>(g.shift)};
       };
@@ -789,6 +836,24 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
   return {grad_input, grad_weight, grad_bias};
 }
 
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output, const Tensor& input,
+                                                       const std::optional<Tensor>& weight, const Tensor& mean,
+                                                       const Tensor& invstd, bool training,
+                                                       std::array<bool, 3> output_mask) {
+  check_backward_args(grad_output, input, weight, mean, invstd);
+  return backward(grad_output, input, weight, mean, invstd, training, output_mask, nullptr);
+}
+
+Tensor batch_norm_backward_elemt(const Tensor& grad_output, const Tensor& input, const std::optional<Tensor>& weight,
+                                 const Tensor& mean, const Tensor& invstd, const Tensor& sum_dy,
+                                 const Tensor& sum_dy_xmu, const Tensor& count) {
+  check_backward_elemt_args(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count);
+  const int64_t channels = input.size(1);
+  const GivenSums given{read_channels(sum_dy, channels, 0.0), read_channels(sum_dy_xmu, channels, 0.0),
+                        count.item<double>()};
+  return std::get<0>(backward(grad_output, input, weight, mean, invstd, true, {true, false, false}, &given));
+}
+
 void update_running_stats(Tensor& running_mean, Tensor& running_var, const std::optional<Tensor>& num_batches_tracked,
                           const Tensor& save_mean, const Tensor& save_invstd, double eps, int64_t count,
                           std::optional<double> momentum) {
@@ -827,6 +892,8 @@ TORCH_LIBRARY_IMPL(bnext, CPU, m) {
   m.impl("batch_norm_eval", &batch_norm_eval);
   m.impl("batch_norm_backward", &batch_norm_backward);
   m.impl("update_running_stats", &update_running_stats);
+  m.impl("batch_norm_stats", &batch_norm_stats);
+  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt);
 }
 
 }  // namespace bnext::cpu

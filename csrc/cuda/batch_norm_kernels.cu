@@ -198,6 +198,29 @@ void launch_partials(const Layout& layout, const Source& source, int64_t splits,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Channel c's partial moments, merged in order.
+template <typename acc_t>
+__device__ Moments<acc_t> merged_moments(const Moments<acc_t>* partials, int64_t c, int64_t splits) {
+  Moments<acc_t> moments;
+  for (int64_t split = 0; split < splits; ++split) {
+    moments = merge(moments, partials[c * splits + split]);
+  }
+  return moments;
+}
+
+// Per-channel mean and biased variance from the partial moments (no normalize).
+template <typename acc_t>
+__global__ void finish_stats(const Moments<acc_t>* partials, int64_t channels, int64_t splits, acc_t* mean,
+                             acc_t* var) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= channels) {
+    return;
+  }
+  const Moments<acc_t> moments = merged_moments(partials, c, splits);
+  mean[c] = moments.mean;
+  var[c] = moments.m2 / moments.count;
+}
+
 // Merges each channel's partial moments in order; writes the saved statistics and the
 // normalize coefficients [center | scale | shift].
 template <typename acc_t>
@@ -208,10 +231,7 @@ __global__ void finish_moments(const Moments<acc_t>* partials, int64_t channels,
   if (c >= channels) {
     return;
   }
-  Moments<acc_t> moments;
-  for (int64_t split = 0; split < splits; ++split) {
-    moments = merge(moments, partials[c * splits + split]);
-  }
+  const Moments<acc_t> moments = merged_moments(partials, c, splits);
   const acc_t invstd = inverse_std(moments.m2 / moments.count, eps);
   save_mean[c] = moments.mean;
   save_invstd[c] = invstd;
@@ -255,6 +275,22 @@ __global__ void finish_grad_sums(const GradSums<acc_t>* partials, int64_t channe
   grad_bias[c] = sums.dy;
   const InputGradient<acc_t> g =
       input_gradient(invstd[c], weight ? weight[c] : acc_t(1), sums.dy, sums.dy_xmu, count, training);
+  coefficients[c] = g.dy_scale;
+  coefficients[channels + c] = g.xmu_scale;
+  coefficients[2 * channels + c] = g.shift;
+}
+
+// Input-gradient coefficients from sums reduced over every process and their count (on the device).
+template <typename acc_t>
+__global__ void given_sums_coefficients(const acc_t* sum_dy, const acc_t* sum_dy_xmu, const acc_t* count,
+                                        int64_t channels, const acc_t* weight, const acc_t* invstd,
+                                        acc_t* coefficients) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= channels) {
+    return;
+  }
+  const InputGradient<acc_t> g =
+      input_gradient(invstd[c], weight ? weight[c] : acc_t(1), sum_dy[c], sum_dy_xmu[c], *count, true);
   coefficients[c] = g.dy_scale;
   coefficients[channels + c] = g.xmu_scale;
   coefficients[2 * channels + c] = g.shift;
@@ -373,6 +409,31 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
   return {output, save_mean, save_invstd};
 }
 
+std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
+  check_input(input);
+  check_cuda(input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto [x, layout] = kernel_view(input);
+  const auto stats_dtype = acc_dtype(input.scalar_type());
+  Tensor mean = at::zeros({layout.channels}, input.options().dtype(stats_dtype));
+  Tensor var = at::zeros({layout.channels}, input.options().dtype(stats_dtype));
+  if (layout.num_rows == 0) {
+    return {mean, var};  // no values: count 0, which the merge across processes weighs by
+  }
+  const int64_t splits = num_splits(layout);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_stats_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+    Tensor partials = at::empty({layout.channels * splits * 3}, input.options().dtype(stats_dtype));
+    auto* moments = reinterpret_cast<Moments<acc_t>*>(partials.mutable_data_ptr<acc_t>());
+    launch_partials(layout, MomentsOf<scalar_t, acc_t>{x.const_data_ptr<scalar_t>()}, splits, moments, stream);
+    finish_stats<acc_t><<<channel_blocks(layout.channels), kThreads, 0, stream>>>(
+        moments, layout.channels, splits, mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {mean, var};
+}
+
 Tensor batch_norm_eval(const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
                        const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps) {
   check_eval_args(input, running_mean, running_var, weight, bias, eps);
@@ -454,6 +515,45 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
   return {grad_input, grad_weight, grad_bias};
 }
 
+Tensor batch_norm_backward_elemt(const Tensor& grad_output, const Tensor& input, const std::optional<Tensor>& weight,
+                                 const Tensor& mean, const Tensor& invstd, const Tensor& sum_dy,
+                                 const Tensor& sum_dy_xmu, const Tensor& count) {
+  check_backward_elemt_args(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count);
+  check_cuda(input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto [x, layout] = kernel_view(input);
+  const Tensor dy = as_layout(grad_output, layout);
+  Tensor grad_input = at::empty_like(x);
+  if (x.numel() == 0) {
+    return grad_input;
+  }
+  const auto stats_dtype = acc_dtype(input.scalar_type());
+  const int64_t channels = layout.channels;
+  const Tensor weight_values = channel_values(weight, channels, stats_dtype);
+  const Tensor mean_values = channel_values(mean, channels, stats_dtype);
+  const Tensor invstd_values = channel_values(invstd, channels, stats_dtype);
+  const Tensor sum_dy_values = channel_values(sum_dy, channels, stats_dtype);
+  const Tensor sum_dy_xmu_values = channel_values(sum_dy_xmu, channels, stats_dtype);
+  const Tensor count_value = channel_values(count, 1, stats_dtype);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_backward_elemt_cuda",
+                                  [&] {
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+    Tensor coefficients = at::empty({3 * channels}, input.options().dtype(stats_dtype));
+    given_sums_coefficients<acc_t><<<channel_blocks(channels), kThreads, 0, stream>>>(
+        sum_dy_values.const_data_ptr<acc_t>(), sum_dy_xmu_values.const_data_ptr<acc_t>(),
+        count_value.const_data_ptr<acc_t>(), channels, data_or_null<acc_t>(weight_values),
+        invstd_values.const_data_ptr<acc_t>(), coefficients.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    input_grad<true, scalar_t, acc_t><<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
+        dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
+        x.numel(), channels, flat_inner(layout), mean_values.const_data_ptr<acc_t>(),
+        coefficients.const_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad_input;
+}
+
 __global__ void increment_counter(int64_t* num_batches_tracked) {
   *num_batches_tracked += 1;
 }
@@ -514,6 +614,8 @@ TORCH_LIBRARY_IMPL(bnext, CUDA, m) {
   m.impl("batch_norm_eval", &batch_norm_eval);
   m.impl("batch_norm_backward", &batch_norm_backward);
   m.impl("update_running_stats", &update_running_stats);
+  m.impl("batch_norm_stats", &batch_norm_stats);
+  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt);
 }
 
 }  // namespace bnext::cuda

@@ -1,0 +1,274 @@
+"""bnext.SyncBatchNorm across 2 and 3 processes (gloo, CPU, localhost) against one process running
+nn.BatchNorm on the concatenated global batch."""
+import datetime
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import bnext
+
+STEPS = 3
+CHANNELS = 5
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(worker, world, *args):
+    """Runs worker(rank, world, *args) in `world` processes of one gloo group; returns rank 0's failures."""
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    failures = ctx.Manager().list()
+    mp.start_processes(_entry, args=(world, port, worker, failures, args), nprocs=world, start_method="spawn")
+    return list(failures)
+
+
+def _entry(rank, world, port, worker, failures, args):
+    torch.set_num_threads(1)
+    # A timeout turns a collective that one process never joins into an error rather than a hang.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        worker(rank, world, failures, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _bounds(sizes, rank):
+    start = sum(sizes[:rank])
+    return start, start + sizes[rank]
+
+
+def _tolerances(dtype):
+    return dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=2e-5)
+
+
+def _run_case(rank, world, sizes, dtype, channels_last, momentum, use_ddp, dims):
+    """Several training steps of DDP(bnext.SyncBatchNorm) against nn.BatchNorm on the global batch.
+
+    Returns the mismatches found. It checks every step to the end rather than raising at the first
+    mismatch, so that every process runs the same collectives whatever one of them finds.
+    """
+    mismatches = []
+
+    def check(got, expected, what):
+        try:
+            torch.testing.assert_close(got, expected, **_tolerances(dtype))
+        except AssertionError as e:
+            mismatches.append(f"step {step} {what}: {e}")
+
+    generator = torch.Generator().manual_seed(1234)
+    reference = (nn.BatchNorm2d if dims == 4 else nn.BatchNorm1d)(CHANNELS, momentum=momentum).to(dtype)
+    with torch.no_grad():
+        reference.weight.copy_(torch.rand(CHANNELS, generator=generator, dtype=dtype) + 0.5)
+        reference.bias.copy_(torch.randn(CHANNELS, generator=generator, dtype=dtype))
+    module = bnext.convert(
+        (nn.BatchNorm2d if dims == 4 else nn.BatchNorm1d)(CHANNELS, momentum=momentum).to(dtype), sync=True
+    )
+    module.load_state_dict(reference.state_dict())
+    model = nn.parallel.DistributedDataParallel(module) if use_ddp else module
+    start, end = _bounds(sizes, rank)
+    for step in range(STEPS):
+        shape = (sum(sizes), CHANNELS, 6, 7) if dims == 4 else (sum(sizes), CHANNELS)
+        x = (torch.randn(shape, generator=generator, dtype=dtype) * (step + 1) + 3.0 * step)
+        grad = torch.randn(shape, generator=generator, dtype=dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x_ref = x.clone().requires_grad_()
+        out_ref = reference(x_ref)
+        (out_ref * grad).sum().backward()
+
+        x_local = x[start:end].clone().requires_grad_()
+        out = model(x_local)
+        (out * grad[start:end]).sum().backward()
+
+        check(out, out_ref[start:end], "output")
+        check(x_local.grad, x_ref.grad[start:end], "input gradient")
+        for name in ("weight", "bias"):
+            got = getattr(module, name).grad
+            if use_ddp:
+                expected = getattr(reference, name).grad / world  # DDP averages over processes
+            else:  # each process holds its own shard's part: their sum is the global gradient
+                expected = getattr(reference, name).grad.clone()
+                dist.all_reduce(got := got.clone())
+            check(got, expected, f"{name} gradient")
+        for name in ("running_mean", "running_var"):
+            check(getattr(module, name), getattr(reference, name), name)
+        check(module.num_batches_tracked, torch.tensor(step + 1), "num_batches_tracked")
+        check(reference.num_batches_tracked, torch.tensor(step + 1), "nn's num_batches_tracked")
+        for p in (*module.parameters(), *reference.parameters()):
+            p.grad = None
+    return mismatches
+
+
+SPLITS = {
+    2: {"even": [4, 4], "uneven": [5, 2], "empty": [0, 6]},
+    3: {"even": [3, 3, 3], "uneven": [1, 4, 2], "empty": [4, 0, 3]},
+}
+
+
+def _matches_worker(rank, world, failures, cases):
+    for case in cases:
+        try:
+            mismatches = _run_case(
+                rank, world, SPLITS[world][case["split"]], **{k: v for k, v in case.items() if k != "split"}
+            )
+            failures.extend([f"rank {rank} case {case}: {m}" for m in mismatches])
+        except Exception:  # noqa: BLE001  (collect every failing case, then fail the test with all of them)
+            failures.append(f"rank {rank} case {case}:\n{traceback.format_exc()}")
+
+
+def _cases(world):
+    cases = []
+    for split in SPLITS[world]:
+        for dtype in (torch.float32, torch.float64):
+            for channels_last in (False, True):
+                cases.append(dict(split=split, dtype=dtype, channels_last=channels_last, momentum=0.1,
+                                  use_ddp=True, dims=4))
+        cases.append(dict(split=split, dtype=torch.float64, channels_last=False, momentum=None, use_ddp=True, dims=4))
+        cases.append(dict(split=split, dtype=torch.float32, channels_last=False, momentum=0.1, use_ddp=False, dims=2))
+    return cases
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sync_batchnorm_matches_global_batch_norm(world):
+    """Outputs, input and parameter gradients (after DDP), running stats and num_batches_tracked over
+    3 steps; even, uneven and empty-shard splits; NCHW and channels_last; float32 and float64;
+    momentum None; (N, C) input without DDP."""
+    failures = spawn(_matches_worker, world, _cases(world))
+    assert not failures, "\n".join(failures)
+
+
+def _subgroup_worker(rank, world, failures):
+    """Ranks 0 and 1 sync in one subgroup; rank 2 is a group of one and so plain bnext.BatchNorm2d."""
+    try:
+        groups = [dist.new_group([0, 1]), dist.new_group([2])]
+        group = groups[0] if rank < 2 else groups[1]
+        generator = torch.Generator().manual_seed(7)
+        x = torch.randn(6, CHANNELS, 4, 4, generator=generator)
+        sync = bnext.SyncBatchNorm(CHANNELS, process_group=group)
+        if rank < 2:
+            reference = nn.BatchNorm2d(CHANNELS)
+            expected = reference(x)[3 * rank : 3 * rank + 3]
+            got = sync(x[3 * rank : 3 * rank + 3])
+        else:
+            reference = bnext.BatchNorm2d(CHANNELS)
+            expected = reference(x)
+            got = sync(x)
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(sync.running_var, reference.running_var)
+        sync.eval()
+        reference.eval()
+        torch.testing.assert_close(sync(x), reference(x))  # eval: running stats, no collective
+    except Exception:  # noqa: BLE001
+        failures.append(f"rank {rank}:\n{traceback.format_exc()}")
+
+
+def test_sync_batchnorm_subgroups_and_group_of_one():
+    failures = spawn(_subgroup_worker, 3)
+    assert not failures, "\n".join(failures)
+
+
+def _mismatch_worker(rank, world, failures, kind):
+    module = bnext.SyncBatchNorm(CHANNELS)
+    channels = CHANNELS + 1 if kind == "channels" and rank == 1 else CHANNELS
+    dtype = torch.float64 if kind == "dtype" and rank == 1 else torch.float32
+    module = module.to(dtype)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    try:
+        module(torch.randn(4, channels, 3, 3, dtype=dtype))
+        failures.append(f"rank {rank}: no error for mismatched {kind}")
+    except ValueError as e:
+        if "disagree" not in str(e):
+            failures.append(f"rank {rank}: unexpected message {e}")
+    for k, v in module.state_dict().items():
+        if not torch.equal(v, before[k]):
+            failures.append(f"rank {rank}: {k} changed by a rejected call")
+
+
+@pytest.mark.parametrize("kind", ["channels", "dtype"])
+def test_mismatched_inputs_raise_on_every_process(kind):
+    failures = spawn(_mismatch_worker, 2, kind)
+    assert not failures, "\n".join(failures)
+
+
+def _compile_worker(rank, world, failures):
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(8, CHANNELS, 4, 4)
+        module = bnext.SyncBatchNorm(CHANNELS)
+        reference = nn.BatchNorm2d(CHANNELS)
+        compiled = torch.compile(module)
+        shard = x[4 * rank : 4 * rank + 4].clone().requires_grad_()
+        out = compiled(shard)
+        out.sum().backward()
+        x_ref = x.clone().requires_grad_()
+        reference(x_ref).sum().backward()
+        torch.testing.assert_close(out, reference(x)[4 * rank : 4 * rank + 4].detach(), rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(shard.grad, x_ref.grad[4 * rank : 4 * rank + 4], rtol=1e-4, atol=2e-5)
+    except Exception:  # noqa: BLE001
+        failures.append(f"rank {rank}:\n{traceback.format_exc()}")
+
+
+def test_sync_batchnorm_under_torch_compile():
+    """torch.compile runs it (the collectives are graph breaks) with the same results."""
+    failures = spawn(_compile_worker, 2)
+    assert not failures, "\n".join(failures)
+
+
+def test_without_process_group_it_is_bnext_batch_norm():
+    assert not dist.is_initialized()
+    torch.manual_seed(0)
+    x = torch.randn(6, CHANNELS, 3, 3)
+    sync, plain = bnext.SyncBatchNorm(CHANNELS), bnext.BatchNorm2d(CHANNELS)
+    torch.testing.assert_close(sync(x), plain(x), rtol=0, atol=0)
+    torch.testing.assert_close(sync.running_var, plain.running_var, rtol=0, atol=0)
+
+
+def test_convert_sync_keeps_state():
+    model = nn.Sequential(nn.Conv2d(3, CHANNELS, 1), nn.BatchNorm2d(CHANNELS), nn.Sequential(nn.BatchNorm1d(4)))
+    model[1].running_mean.fill_(0.25)
+    weight = model[1].weight
+    converted = bnext.convert(model, sync=True)
+    assert isinstance(converted[1], bnext.SyncBatchNorm) and isinstance(converted[2][0], bnext.SyncBatchNorm)
+    assert converted[1].weight is weight
+    assert torch.equal(converted[1].running_mean, torch.full((CHANNELS,), 0.25))
+    assert isinstance(bnext.SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm3d(2)), bnext.SyncBatchNorm)
+    assert isinstance(bnext.convert(nn.SyncBatchNorm(2)), bnext.SyncBatchNorm)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_local_pass_operators(dtype, channels_last):
+    """batch_norm_stats against float64 torch; batch_norm_backward_elemt with this process's own sums
+    equals the training backward; opcheck on both."""
+    ops = torch.ops.bnext
+    generator = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, CHANNELS, 5, 3, generator=generator) * 3 + 1).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    mean, var = ops.batch_norm_stats(x)
+    x64 = x.double()
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean.double(), x64.mean((0, 2, 3)), **tol)
+    torch.testing.assert_close(var.double(), x64.var((0, 2, 3), unbiased=False), **tol)
+    torch.library.opcheck(ops.batch_norm_stats.default, (x,))
+
+    dy = torch.randn(x.shape, generator=generator).to(dtype)
+    weight = torch.rand(CHANNELS, generator=generator, dtype=mean.dtype) + 0.5
+    _, save_mean, save_invstd = ops.batch_norm_train(x, weight, None, 1e-5)
+    ones = torch.ones_like(save_mean)
+    _, sum_dy_xmu, sum_dy = ops.batch_norm_backward(dy, x, ones, save_mean, ones, False, [False, True, True])
+    expected, _, _ = ops.batch_norm_backward(dy, x, weight, save_mean, save_invstd, True, [True, False, False])
+    count = torch.tensor([x.numel() // CHANNELS], dtype=torch.float64)
+    args = (dy, x, weight, save_mean, save_invstd, sum_dy, sum_dy_xmu, count)
+    torch.testing.assert_close(ops.batch_norm_backward_elemt(*args), expected, **tol)
+    torch.library.opcheck(ops.batch_norm_backward_elemt.default, args)
