@@ -100,7 +100,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         message = torch.empty(_HEADER + 2 * num_features, dtype=torch.float64, device=input.device)
         message[0] = channels
         message[1] = _DTYPES.index(input.dtype) if input.dtype in _DTYPES else -1
-        message[2] = input.numel() // channels if channels else 0
+        message[2] = input.numel() // channels  # the module has checked that channels > 0
         message[_HEADER : _HEADER + num_features] = local_mean
         message[_HEADER + num_features :] = local_var
         gathered = _all_gather(message, group)

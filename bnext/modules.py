@@ -1,5 +1,6 @@
 """Drop-in subclasses of torch.nn.BatchNorm1d/2d/3d that run on the bnext operators."""
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .functional import _batch_norm
 
@@ -47,7 +48,6 @@ class BatchNorm3d(_BnextForward, nn.BatchNorm3d):
 
 
 _TWINS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def _twin(module, cls):
@@ -64,13 +64,11 @@ def _replacement(module, sync):
     """The class to turn `module` into, or None to leave it (and look into its children)."""
     from .distributed import SyncBatchNorm
 
-    if sync and isinstance(module, _BATCH_NORMS):
+    if sync:  # like nn.SyncBatchNorm.convert_sync_batchnorm: every batch norm, synchronized ones included
+        return SyncBatchNorm if isinstance(module, _BatchNorm) else None
+    if type(module) is nn.SyncBatchNorm:
         return SyncBatchNorm
-    if not sync and type(module) in _TWINS:
-        return _TWINS[type(module)]
-    if not sync and type(module) is nn.SyncBatchNorm:
-        return SyncBatchNorm
-    return None
+    return _TWINS.get(type(module))
 
 
 def convert(module: nn.Module, sync: bool = False, process_group=None) -> nn.Module:
@@ -84,7 +82,7 @@ def convert(module: nn.Module, sync: bool = False, process_group=None) -> nn.Mod
     the converted module, which is a new object only when `module` itself is a batch norm.
     """
     cls = _replacement(module, sync)
-    if cls is not None and type(module) is not cls:
+    if cls is not None:
         twin = _twin(module, cls)
         if sync:
             twin.process_group = process_group

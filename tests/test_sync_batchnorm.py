@@ -243,6 +243,9 @@ def test_convert_sync_keeps_state():
     assert torch.equal(converted[1].running_mean, torch.full((CHANNELS,), 0.25))
     assert isinstance(bnext.SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm3d(2)), bnext.SyncBatchNorm)
     assert isinstance(bnext.convert(nn.SyncBatchNorm(2)), bnext.SyncBatchNorm)
+    group = object()  # stands for a process group: only stored until a forward uses it
+    regrouped = bnext.convert(converted, sync=True, process_group=group)
+    assert regrouped[1].process_group is group and regrouped[1].weight is weight
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
