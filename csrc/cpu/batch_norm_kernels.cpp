@@ -179,8 +179,25 @@ struct PairSums {
     second += second_tail;
   }
 
+  // The lanes' total, added pairwise in the accumulation type: a short plane (7x7) is a single
+  // stretch, whose lane sums are most of its rounding error when added in float.
   static acc_t lane_sum(const Vec& lanes) {
-    return at::vec::vec_reduce_all<opmath_t>([](const Vec& a, const Vec& b) { return a + b; }, lanes);
+    if constexpr (std::is_same_v<acc_t, opmath_t>) {
+      return at::vec::vec_reduce_all<opmath_t>([](const Vec& a, const Vec& b) { return a + b; }, lanes);
+    } else {
+      alignas(64) opmath_t values[Vec::size()];
+      lanes.store(values);
+      acc_t totals[Vec::size()];
+      for (int64_t k = 0; k < Vec::size(); ++k) {
+        totals[k] = static_cast<acc_t>(values[k]);
+      }
+      for (int64_t width = Vec::size() / 2; width > 0; width /= 2) {
+        for (int64_t k = 0; k < width; ++k) {
+          totals[k] += totals[k + width];
+        }
+      }
+      return totals[0];
+    }
   }
 };
 
