@@ -4,7 +4,8 @@
                           [--cases train_fwd,...] [--threads N] [--repeat N] [--json PATH] [--plot PATH]
 
 On CUDA (the default where a GPU is present) torch is timed twice: its default path (cuDNN where
-torch picks it) and its native kernels (cuDNN disabled); times are device times between CUDA events.
+torch picks it) and its native kernels (cuDNN disabled); times are device times between CUDA events,
+and the shapes are GPU-sized (ResNet-50's layers at batch 64 and 256; see GPU_SHAPES).
 
 Every configuration (shape, layout, dtype) is first checked against torch: training forward
 output, running statistics, eval output and the input/weight/bias gradients. Any disagreement
@@ -48,6 +49,13 @@ BATCHNORM3D_SHAPES = [(2, 64, 16, 56, 56)]
 ALL_SHAPES = RESNET50_SHAPES + BATCHNORM1D_SHAPES + BATCHNORM3D_SHAPES
 # Large and small spatial extents, many channels, and an MLP shape.
 QUICK_SHAPES = [(8, 64, 56, 56), (8, 1024, 14, 14), (8, 2048, 7, 7), (4096, 256)]
+# On a GPU: the same ResNet-50 layers at batch 64 and 256, and BatchNorm1d/3d sized to fill one.
+GPU_SHAPES = (
+    [(batch, *shape[1:]) for batch in (64, 256) for shape in RESNET50_SHAPES]
+    + [(65536, 256), (256, 4096)]
+    + [(8, 64, 16, 56, 56)]
+)
+GPU_QUICK_SHAPES = [(64, 64, 56, 56), (256, 1024, 14, 14), (64, 2048, 7, 7), (65536, 256)]
 
 CASES = ("train_fwd", "eval_fwd", "train_bwd", "fwd_bwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -700,6 +708,12 @@ def plot_title(args):
     return f"bnext vs torch, {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
+def shapes_for(args):
+    if args.device == "cuda":
+        return GPU_QUICK_SHAPES if args.quick else GPU_SHAPES
+    return QUICK_SHAPES if args.quick else ALL_SHAPES
+
+
 def timing_plan(args):
     if args.quick:
         return TimingPlan(warmup=2, budget_s=0.25, min_repeats=5, max_repeats=100, fixed_repeats=args.repeat)
@@ -715,9 +729,7 @@ def main(argv=None):
     if not args.system_malloc and not args.malloc_keeps_freed_memory:
         log("warning: could not tune malloc (not glibc?); page faults may add noise to the timings")
     plan = timing_plan(args)
-    configs = configurations(
-        QUICK_SHAPES if args.quick else ALL_SHAPES, [DTYPES[name] for name in args.dtype], args.device
-    )
+    configs = configurations(shapes_for(args), [DTYPES[name] for name in args.dtype], args.device)
     args.cpu_busy_before_start = warn_if_busy()
     check_all(configs)
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
