@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -137,15 +138,15 @@ T load_as(const scalar_t* data) {
 }
 
 // Two sums over runs of values: SIMD lanes in the compute type (float for float32) for
-// kFlushEvery vectors, then added into totals of the accumulation type (double for float32).
+// kFlushEvery vectors, then added lane by lane into totals of the accumulation type (double for
+// float32), which are summed across lanes once, at the end. A short plane (7x7) is a stretch of
+// its own: summing its lanes in float, or across lanes per stretch, costs accuracy or time.
 template <typename scalar_t>
 struct PairSums {
   using opmath_t = at::opmath_type<scalar_t>;
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
   using Vec = OpVec<scalar_t>;
-
-  acc_t first = 0;
-  acc_t second = 0;
+  static constexpr int64_t kLanes = Vec::size();
 
   // terms(i, first, second) adds the two terms of value i (a vector of values when the
   // accumulators are vectors) to the accumulators.
@@ -153,51 +154,57 @@ struct PairSums {
   void add_run(int64_t n, const Terms& terms) {
     // kChains independent accumulators per sum keep several vector adds in flight.
     constexpr int64_t kChains = 4;
-    constexpr int64_t kStep = Vec::size() * kChains;
-    const int64_t vec_end = n - n % Vec::size();
+    constexpr int64_t kStep = kLanes * kChains;
+    const int64_t vec_end = n - n % kLanes;
     for (int64_t i = 0; i < vec_end;) {
       Vec first_lanes[kChains] = {Vec(opmath_t(0)), Vec(opmath_t(0)), Vec(opmath_t(0)), Vec(opmath_t(0))};
       Vec second_lanes[kChains] = {Vec(opmath_t(0)), Vec(opmath_t(0)), Vec(opmath_t(0)), Vec(opmath_t(0))};
       const int64_t flush_end = std::min(vec_end, i + kStep * kFlushEvery);
       for (; i + kStep <= flush_end; i += kStep) {
         for (int64_t k = 0; k < kChains; ++k) {
-          terms(i + k * Vec::size(), first_lanes[k], second_lanes[k]);
+          terms(i + k * kLanes, first_lanes[k], second_lanes[k]);
         }
       }
-      for (; i < flush_end; i += Vec::size()) {
+      for (; i < flush_end; i += kLanes) {
         terms(i, first_lanes[0], second_lanes[0]);
       }
-      first += lane_sum((first_lanes[0] + first_lanes[1]) + (first_lanes[2] + first_lanes[3]));
-      second += lane_sum((second_lanes[0] + second_lanes[1]) + (second_lanes[2] + second_lanes[3]));
+      add_lanes(first_totals, (first_lanes[0] + first_lanes[1]) + (first_lanes[2] + first_lanes[3]));
+      add_lanes(second_totals, (second_lanes[0] + second_lanes[1]) + (second_lanes[2] + second_lanes[3]));
     }
     opmath_t first_tail = 0;
     opmath_t second_tail = 0;
     for (int64_t i = vec_end; i < n; ++i) {
       terms(i, first_tail, second_tail);
     }
-    first += first_tail;
-    second += second_tail;
+    first_tails += first_tail;
+    second_tails += second_tail;
   }
 
-  // The lanes' total, added pairwise in the accumulation type: a short plane (7x7) is a single
-  // stretch, whose lane sums are most of its rounding error when added in float.
-  static acc_t lane_sum(const Vec& lanes) {
-    if constexpr (std::is_same_v<acc_t, opmath_t>) {
-      return at::vec::vec_reduce_all<opmath_t>([](const Vec& a, const Vec& b) { return a + b; }, lanes);
-    } else {
-      alignas(64) opmath_t values[Vec::size()];
-      lanes.store(values);
-      acc_t totals[Vec::size()];
-      for (int64_t k = 0; k < Vec::size(); ++k) {
-        totals[k] = static_cast<acc_t>(values[k]);
-      }
-      for (int64_t width = Vec::size() / 2; width > 0; width /= 2) {
-        for (int64_t k = 0; k < width; ++k) {
-          totals[k] += totals[k + width];
-        }
-      }
-      return totals[0];
+  acc_t first() const { return total(first_totals, first_tails); }
+  acc_t second() const { return total(second_totals, second_tails); }
+
+ private:
+  std::array<acc_t, kLanes> first_totals{};
+  std::array<acc_t, kLanes> second_totals{};
+  acc_t first_tails = 0;
+  acc_t second_tails = 0;
+
+  static void add_lanes(std::array<acc_t, kLanes>& totals, const Vec& lanes) {
+    alignas(64) opmath_t values[kLanes];
+    lanes.store(values);
+    for (int64_t k = 0; k < kLanes; ++k) {
+      totals[k] += static_cast<acc_t>(values[k]);
     }
+  }
+
+  // Pairwise across lanes, in a fixed order.
+  static acc_t total(std::array<acc_t, kLanes> totals, acc_t tails) {
+    for (int64_t width = kLanes / 2; width > 0; width /= 2) {
+      for (int64_t k = 0; k < width; ++k) {
+        totals[k] += totals[k + width];
+      }
+    }
+    return totals[0] + tails;
   }
 };
 
@@ -218,7 +225,7 @@ auto planar_channel_moments(const scalar_t* x, const Layout& layout, int64_t c) 
       sum_sq = sum_sq + d * d;
     });
   }
-  return moments_from_shifted_sums<acc_t>(static_cast<acc_t>(layout.num_rows), shift, sums.first, sums.second);
+  return moments_from_shifted_sums<acc_t>(static_cast<acc_t>(layout.num_rows), shift, sums.first(), sums.second());
 }
 
 // sum(dy) and sum(dy * (x - mean)) of channel c of a planar tensor.
@@ -237,7 +244,7 @@ auto planar_channel_grad_sums(const scalar_t* dy, const scalar_t* x, const Layou
       sum_dy_xmu = sum_dy_xmu + g * (load_as<T>(x_run + i) - T(mean));
     });
   }
-  return std::make_pair(sums.first, sums.second);
+  return std::make_pair(sums.first(), sums.second());
 }
 
 // Stores one value, or one vector of them, converted to scalar_t: load_as's counterpart.
