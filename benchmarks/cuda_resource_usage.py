@@ -10,7 +10,9 @@ threads for every bnext kernel): 65536 registers per SM, allocated per warp in u
 """
 import argparse
 import collections
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +26,8 @@ SHARED_PER_SM = 228 * 1024
 SHARED_RESERVED_PER_BLOCK = 1024
 MAX_BLOCKS_PER_SM = 32
 
-ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\d+)'")
-SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+ENTRY = re.compile(r"Compiling entry function '(\S+)' for 'sm_\d+'")
+SPILLS = re.compile(r"\d+ bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 USAGE = re.compile(r"Used (\d+) registers(?:, used \d+ barriers)?(?:, (\d+) bytes smem)?")
 
 
@@ -50,10 +52,10 @@ def parse(log):
     current = None
     for line in log.splitlines():
         if match := ENTRY.search(line):
-            current = {"kernel": short_name(match.group(1)), "arch": match.group(2)}
+            current = {"kernel": short_name(match.group(1)), "spill_bytes": 0}
             kernels.append(current)
         elif current and (match := SPILLS.search(line)):
-            current["stack"], current["spill_stores"], current["spill_loads"] = map(int, match.groups())
+            current["spill_bytes"] = sum(map(int, match.groups()))
         elif current and (match := USAGE.search(line)):
             current["registers"] = int(match.group(1))
             current["smem"] = int(match.group(2) or 0)
@@ -63,15 +65,14 @@ def parse(log):
 def report(kernels):
     lines = [f"{'kernel':100s} {'regs':>4s} {'smem B':>6s} {'spill B':>7s} {'occupancy':>9s}"]
     for k in sorted(kernels, key=lambda k: k["kernel"]):
-        spills = k.get("spill_stores", 0) + k.get("spill_loads", 0)
         lines.append(
-            f"{k['kernel'][:100]:100s} {k['registers']:4d} {k['smem']:6d} {spills:7d} "
+            f"{k['kernel'][:100]:100s} {k['registers']:4d} {k['smem']:6d} {k['spill_bytes']:7d} "
             f"{occupancy(k['registers'], k['smem']):9.0%}"
         )
     per_kind = collections.Counter(k["kernel"].split("<")[0] for k in kernels)
     lines.append("")
     lines.append("instantiations: " + ", ".join(f"{name} {count}" for name, count in sorted(per_kind.items())))
-    lines.append(f"spilling kernels: {sum(1 for k in kernels if k.get('spill_stores', 0) + k.get('spill_loads', 0))}")
+    lines.append(f"spilling kernels: {sum(1 for k in kernels if k['spill_bytes'])}")
     return "\n".join(lines)
 
 
@@ -79,9 +80,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="also write the report to this file")
     args = parser.parse_args()
+    # The same nvcc for the compile and for the version line.
+    nvcc = os.environ.get("NVCC") or shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     result = subprocess.run(
         ["bash", str(ROOT / ".ci" / "compile_cuda")],
-        env={**__import__("os").environ, "NVCC_EXTRA_FLAGS": "--resource-usage"},
+        env={**os.environ, "NVCC": nvcc, "NVCC_EXTRA_FLAGS": "--resource-usage"},
         capture_output=True,
         text=True,
     )
@@ -90,8 +93,8 @@ def main():
     kernels = parse(result.stdout + result.stderr)
     if not kernels:
         sys.exit("no kernel found in nvcc's output")
-    nvcc = subprocess.run(["bash", "-c", "${NVCC:-nvcc} --version | tail -2 | head -1"], capture_output=True, text=True)
-    text = f"nvcc --resource-usage, sm_90 ({nvcc.stdout.strip()}), {THREADS_PER_BLOCK} threads per block\n\n{report(kernels)}\n"
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[-2]
+    text = f"nvcc --resource-usage, sm_90 ({version}), {THREADS_PER_BLOCK} threads per block\n\n{report(kernels)}\n"
     print(text, end="")
     if args.out:
         Path(args.out).write_text(text)
