@@ -137,114 +137,168 @@ T load_as(const scalar_t* data) {
   }
 }
 
-// Two sums over runs of values: SIMD lanes in the compute type (float for float32) for
-// kFlushEvery vectors, then added lane by lane into totals of the accumulation type (double for
-// float32), which are summed across lanes once, at the end. A short plane (7x7) is a stretch of
-// its own: summing its lanes in float, or across lanes per stretch, costs accuracy or time.
+// Totals per SIMD lane in the accumulation type, of vectors in the compute type (float32 lanes
+// widened to float64 for float32 input).
 template <typename scalar_t>
-struct PairSums {
+struct LaneTotals {
   using opmath_t = at::opmath_type<scalar_t>;
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
   using Vec = OpVec<scalar_t>;
+  using AccVec = at::vec::Vectorized<acc_t>;
   static constexpr int64_t kLanes = Vec::size();
+  static constexpr int64_t kParts = kLanes / AccVec::size();
 
-  // terms(i, first, second) adds the two terms of value i (a vector of values when the
-  // accumulators are vectors) to the accumulators.
-  template <typename Terms>
-  void add_run(int64_t n, const Terms& terms) {
-    // kChains independent accumulators per sum keep several vector adds in flight.
-    constexpr int64_t kChains = 4;
-    constexpr int64_t kStep = kLanes * kChains;
-    const int64_t vec_end = n - n % kLanes;
-    for (int64_t i = 0; i < vec_end;) {
-      Vec first_lanes[kChains] = {Vec(opmath_t(0)), Vec(opmath_t(0)), Vec(opmath_t(0)), Vec(opmath_t(0))};
-      Vec second_lanes[kChains] = {Vec(opmath_t(0)), Vec(opmath_t(0)), Vec(opmath_t(0)), Vec(opmath_t(0))};
-      const int64_t flush_end = std::min(vec_end, i + kStep * kFlushEvery);
-      for (; i + kStep <= flush_end; i += kStep) {
-        for (int64_t k = 0; k < kChains; ++k) {
-          terms(i + k * kLanes, first_lanes[k], second_lanes[k]);
-        }
-      }
-      for (; i < flush_end; i += kLanes) {
-        terms(i, first_lanes[0], second_lanes[0]);
-      }
-      add_lanes(first_totals, (first_lanes[0] + first_lanes[1]) + (first_lanes[2] + first_lanes[3]));
-      add_lanes(second_totals, (second_lanes[0] + second_lanes[1]) + (second_lanes[2] + second_lanes[3]));
-    }
-    opmath_t first_tail = 0;
-    opmath_t second_tail = 0;
-    for (int64_t i = vec_end; i < n; ++i) {
-      terms(i, first_tail, second_tail);
-    }
-    first_tails += first_tail;
-    second_tails += second_tail;
-  }
+  std::array<AccVec, kParts> parts;
 
-  acc_t first() const { return total(first_totals, first_tails); }
-  acc_t second() const { return total(second_totals, second_tails); }
+  LaneTotals() { parts.fill(AccVec(acc_t(0))); }
 
- private:
-  std::array<acc_t, kLanes> first_totals{};
-  std::array<acc_t, kLanes> second_totals{};
-  acc_t first_tails = 0;
-  acc_t second_tails = 0;
-
-  static void add_lanes(std::array<acc_t, kLanes>& totals, const Vec& lanes) {
-    alignas(64) opmath_t values[kLanes];
-    lanes.store(values);
-    for (int64_t k = 0; k < kLanes; ++k) {
-      totals[k] += static_cast<acc_t>(values[k]);
+  void add(const Vec& lanes) {
+    if constexpr (kParts == 1) {
+      parts[0] = parts[0] + lanes;
+    } else {
+      static_assert(kParts == 2, "lanes widen to two vectors");
+      const auto [low, high] = widen(lanes);
+      parts[0] = parts[0] + low;
+      parts[1] = parts[1] + high;
     }
   }
 
   // Pairwise across lanes, in a fixed order.
-  static acc_t total(std::array<acc_t, kLanes> totals, acc_t tails) {
+  acc_t total() const {
+    alignas(64) acc_t totals[kLanes];
+    for (int64_t part = 0; part < kParts; ++part) {
+      parts[part].store(totals + part * AccVec::size());
+    }
     for (int64_t width = kLanes / 2; width > 0; width /= 2) {
       for (int64_t k = 0; k < width; ++k) {
         totals[k] += totals[k + width];
       }
     }
-    return totals[0] + tails;
+    return totals[0];
+  }
+
+ private:
+  // The low and high halves of `lanes`, converted to the accumulation type.
+  static std::pair<AccVec, AccVec> widen(const Vec& lanes) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512 values = lanes;
+    const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(values), 1));
+    return {AccVec(_mm512_cvtps_pd(_mm512_castps512_ps256(values))), AccVec(_mm512_cvtps_pd(high))};
+#elif defined(CPU_CAPABILITY_AVX2)
+    const __m256 values = lanes;
+    return {AccVec(_mm256_cvtps_pd(_mm256_castps256_ps128(values))),
+            AccVec(_mm256_cvtps_pd(_mm256_extractf128_ps(values, 1)))};
+#else
+    alignas(64) opmath_t values[kLanes];
+    lanes.store(values);
+    alignas(64) acc_t wide[kLanes];
+    for (int64_t k = 0; k < kLanes; ++k) {
+      wide[k] = static_cast<acc_t>(values[k]);
+    }
+    return {AccVec::loadu(wide), AccVec::loadu(wide + AccVec::size())};
+#endif
   }
 };
+
+// Two sums over the values of `num_runs` runs of `length` values, run r starting at r * run_stride
+// (the planes of one channel). SIMD lanes in the compute type (float for float32) take at most
+// kFlushEvery terms each, then are added lane by lane into totals of the accumulation type (double
+// for float32), which are summed across lanes once, at the end. The lanes carry over from one run to
+// the next, so that short planes (7x7: three vectors and one value) share a flush.
+//
+// terms(i, first, second) adds the two terms of value i (a vector of values from i when the
+// accumulators are vectors) to the accumulators.
+template <typename scalar_t, typename Terms>
+auto pair_sums(int64_t num_runs, int64_t run_stride, int64_t length, const Terms& terms) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+  using Vec = OpVec<scalar_t>;
+  constexpr int64_t kLanes = Vec::size();
+  // Independent accumulators per sum, to keep several vector adds in flight.
+  constexpr int64_t kChains = 4;
+  constexpr int64_t kStep = kLanes * kChains;
+
+  LaneTotals<scalar_t> first_totals;
+  LaneTotals<scalar_t> second_totals;
+  acc_t first_tails = 0;
+  acc_t second_tails = 0;
+  Vec first_lanes[kChains] = {Vec(opmath_t(0)), Vec(opmath_t(0)), Vec(opmath_t(0)), Vec(opmath_t(0))};
+  Vec second_lanes[kChains] = {Vec(opmath_t(0)), Vec(opmath_t(0)), Vec(opmath_t(0)), Vec(opmath_t(0))};
+  int64_t steps = 0;  // terms in each lane since the last flush
+  const auto flush = [&] {
+    first_totals.add((first_lanes[0] + first_lanes[1]) + (first_lanes[2] + first_lanes[3]));
+    second_totals.add((second_lanes[0] + second_lanes[1]) + (second_lanes[2] + second_lanes[3]));
+    for (int64_t k = 0; k < kChains; ++k) {
+      first_lanes[k] = second_lanes[k] = Vec(opmath_t(0));
+    }
+    steps = 0;
+  };
+  const auto end_step = [&] {
+    if (++steps == kFlushEvery) {
+      flush();
+    }
+  };
+  const int64_t vec_length = length - length % kLanes;
+  for (int64_t run = 0; run < num_runs; ++run) {
+    const int64_t begin = run * run_stride;
+    int64_t i = 0;
+    for (; i + kStep <= vec_length; i += kStep) {
+      for (int64_t k = 0; k < kChains; ++k) {
+        terms(begin + i + k * kLanes, first_lanes[k], second_lanes[k]);
+      }
+      end_step();
+    }
+    if (i < vec_length) {  // fewer than kChains vectors left: one into each chain, one more step
+      const int64_t left = (vec_length - i) / kLanes;
+      for (int64_t k = 0; k < kChains - 1; ++k) {  // a constant trip count keeps the lanes in registers
+        if (k < left) {
+          terms(begin + i + k * kLanes, first_lanes[k], second_lanes[k]);
+        }
+      }
+      i = vec_length;
+      end_step();
+    }
+    opmath_t first_tail = 0;
+    opmath_t second_tail = 0;
+    for (; i < length; ++i) {
+      terms(begin + i, first_tail, second_tail);
+    }
+    first_tails += first_tail;
+    second_tails += second_tail;
+  }
+  flush();
+  return std::make_pair(first_totals.total() + first_tails, second_totals.total() + second_tails);
+}
 
 // Moments of channel c of a planar tensor, by sums shifted by the channel's first value.
 template <typename scalar_t>
 auto planar_channel_moments(const scalar_t* x, const Layout& layout, int64_t c) {
-  using Sums = PairSums<scalar_t>;
-  using opmath_t = typename Sums::opmath_t;
-  using acc_t = typename Sums::acc_t;
-  const opmath_t shift = static_cast<opmath_t>(x[c * layout.inner]);
-  Sums sums;
-  for (int64_t n = 0; n < layout.batch; ++n) {
-    const scalar_t* run = x + (n * layout.channels + c) * layout.inner;
-    sums.add_run(layout.inner, [&](int64_t i, auto& sum, auto& sum_sq) {
-      using T = std::decay_t<decltype(sum)>;
-      const T d = load_as<T>(run + i) - T(shift);
-      sum = sum + d;
-      sum_sq = sum_sq + d * d;
-    });
-  }
-  return moments_from_shifted_sums<acc_t>(static_cast<acc_t>(layout.num_rows), shift, sums.first(), sums.second());
+  using opmath_t = at::opmath_type<scalar_t>;
+  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+  const scalar_t* channel = x + c * layout.inner;
+  const opmath_t shift = static_cast<opmath_t>(channel[0]);
+  const auto [sum, sum_sq] = pair_sums<scalar_t>(
+      layout.batch, layout.channels * layout.inner, layout.inner, [&](int64_t i, auto& sum, auto& sum_sq) {
+        using T = std::decay_t<decltype(sum)>;
+        const T d = load_as<T>(channel + i) - T(shift);
+        sum = sum + d;
+        sum_sq = sum_sq + d * d;
+      });
+  return moments_from_shifted_sums<acc_t>(static_cast<acc_t>(layout.num_rows), shift, sum, sum_sq);
 }
 
 // sum(dy) and sum(dy * (x - mean)) of channel c of a planar tensor.
 template <typename scalar_t, typename opmath_t>
 auto planar_channel_grad_sums(const scalar_t* dy, const scalar_t* x, const Layout& layout, int64_t c,
                               opmath_t mean) {
-  PairSums<scalar_t> sums;
-  for (int64_t n = 0; n < layout.batch; ++n) {
-    const int64_t offset = (n * layout.channels + c) * layout.inner;
-    const scalar_t* dy_run = dy + offset;
-    const scalar_t* x_run = x + offset;
-    sums.add_run(layout.inner, [&](int64_t i, auto& sum_dy, auto& sum_dy_xmu) {
-      using T = std::decay_t<decltype(sum_dy)>;
-      const T g = load_as<T>(dy_run + i);
-      sum_dy = sum_dy + g;
-      sum_dy_xmu = sum_dy_xmu + g * (load_as<T>(x_run + i) - T(mean));
-    });
-  }
-  return std::make_pair(sums.first(), sums.second());
+  const int64_t offset = c * layout.inner;
+  return pair_sums<scalar_t>(layout.batch, layout.channels * layout.inner, layout.inner,
+                             [&](int64_t i, auto& sum_dy, auto& sum_dy_xmu) {
+                               using T = std::decay_t<decltype(sum_dy)>;
+                               const T g = load_as<T>(dy + offset + i);
+                               sum_dy = sum_dy + g;
+                               sum_dy_xmu = sum_dy_xmu + g * (load_as<T>(x + offset + i) - T(mean));
+                             });
 }
 
 // Stores one value, or one vector of them, converted to scalar_t: load_as's counterpart.
