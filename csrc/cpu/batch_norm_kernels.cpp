@@ -73,14 +73,19 @@ int64_t channel_stride(const Tensor& run) {
 
 // The C values of a per-channel tensor as float64; `fill` where the tensor is absent.
 std::vector<double> read_channels(const std::optional<Tensor>& t, int64_t channels, double fill) {
-  std::vector<double> values(channels, fill);
   if (!is_given(t)) {
-    return values;
+    return std::vector<double>(channels, fill);
   }
   const Tensor run = channel_run(*t);
   const int64_t stride = channel_stride(run);
+  std::vector<double> values;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, run.scalar_type(), "bnext_read_channels", [&] {
     const scalar_t* data = run.const_data_ptr<scalar_t>();
+    if (stride == 1) {  // the usual case: one converting pass, no fill first
+      values.assign(data, data + channels);
+      return;
+    }
+    values.resize(channels);
     for (int64_t c = 0; c < channels; ++c) {
       values[c] = static_cast<double>(data[c * stride]);
     }
