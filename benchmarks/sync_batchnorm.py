@@ -78,6 +78,7 @@ def _worker(rank, world, port, args, results):
                       f"  torch local {row['torch_local_ms']:8.3f} ms  speedup {row['speedup']:.2f}x", flush=True)
     if rank == 0:
         results.extend(rows)
+    dist.barrier()  # no rank tears its gloo group down while a peer still uses it
     dist.destroy_process_group()
 
 

@@ -1,7 +1,8 @@
 """bnext.SyncBatchNorm across 2 and 3 processes (gloo, CPU, localhost) against one process running
 nn.BatchNorm on the concatenated global batch."""
 import datetime
-import socket
+import os
+import tempfile
 import traceback
 
 import pytest
@@ -16,29 +17,30 @@ STEPS = 3
 CHANNELS = 5
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(worker, world, *args):
-    """Runs worker(rank, world, *args) in `world` processes of one gloo group; returns rank 0's failures."""
-    port = free_port()
+    """Runs worker(rank, world, *args) in `world` processes of one gloo group; returns rank 0's failures.
+
+    The processes meet through a file store in a fresh directory rather than a TCP port: a port
+    found free here could be taken by another process before rank 0 binds it."""
     ctx = mp.get_context("spawn")
     failures = ctx.Manager().list()
-    mp.start_processes(_entry, args=(world, port, worker, failures, args), nprocs=world, start_method="spawn")
+    with tempfile.TemporaryDirectory() as directory:
+        store = os.path.join(directory, "store")
+        mp.start_processes(_entry, args=(world, store, worker, failures, args), nprocs=world, start_method="spawn")
     return list(failures)
 
 
-def _entry(rank, world, port, worker, failures, args):
+def _entry(rank, world, store, worker, failures, args):
     torch.set_num_threads(1)
     # A timeout turns a collective that one process never joins into an error rather than a hang.
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        worker(rank, world, failures, *args)
+        worker(rank, world, failures, *args)  # workers catch their exceptions: every rank gets here
     finally:
+        # Tear down only once every rank is done: a rank destroying its gloo group while a peer
+        # still works aborted that peer now and then ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 
