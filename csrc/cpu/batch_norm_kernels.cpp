@@ -339,13 +339,17 @@ void for_each_channel(int64_t channels, const Body& body) {
   }
 }
 
-// Whether to stream `output`: only when every vector store of its runs (planes, or rows) covers
-// whole aligned lines, since a partly written line makes streaming stores slow.
+// Whether to stream `output`. Streaming stores must cover whole aligned lines, since a partly
+// written line makes them slow: rows and planes of whole vectors stream entirely; longer planes
+// (at least kMinStreamedPlane values) stream all but a head and a tail, stored as usual.
+constexpr int64_t kMinStreamedPlane = 256;
+
 bool streams(const Tensor& output, const Layout& layout) {
   constexpr int64_t kLanes = at::vec::Vectorized<float>::size();
   const int64_t run = layout.rows ? layout.channels : layout.inner;
+  const bool whole_lines = run % kLanes == 0 || (!layout.rows && run >= kMinStreamedPlane);
   return output.scalar_type() == at::kFloat && output.nbytes() >= kStreamBytes &&
-         output.nbytes() < kStreamMaxBytes && run % kLanes == 0 &&
+         output.nbytes() < kStreamMaxBytes && whole_lines &&
          reinterpret_cast<uintptr_t>(output.const_data_ptr()) % 64 == 0;
 }
 
@@ -397,12 +401,27 @@ struct ChannelAffines {
   Affine<opmath_t> get(int64_t c) const { return {center[c], scale[c], shift[c]}; }
 };
 
+// Values of a streamed run before `out`'s next vector (and cache line) boundary: the run stores
+// them with one ordinary masked store, so that every streaming store after them covers whole
+// aligned lines.
+template <typename scalar_t>
+int64_t streaming_head(const scalar_t* out, int64_t n) {
+  constexpr uintptr_t kVecBytes = sizeof(OpVec<scalar_t>);
+  const uintptr_t misalignment = reinterpret_cast<uintptr_t>(out) % kVecBytes;
+  return misalignment == 0 ? 0 : std::min(n, static_cast<int64_t>((kVecBytes - misalignment) / sizeof(scalar_t)));
+}
+
 // y = (x - center) * scale + shift over n values.
 template <typename opmath_t, typename scalar_t>
 void normalize_run(const scalar_t* x, scalar_t* y, int64_t n, const Affine<opmath_t>& affine, bool stream) {
   using Vec = OpVec<scalar_t>;
   const Vec center(affine.center), scale(affine.scale), shift(affine.shift);
   int64_t i = 0;
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    if (stream && (i = streaming_head(y, n)) > 0) {
+      at::vec::fmadd(Vec::loadu(x, i) - center, scale, shift).store(y, i);
+    }
+  }
   for (; i + Vec::size() <= n; i += Vec::size()) {
     store_output(y + i, at::vec::fmadd(load_vec(x + i) - center, scale, shift), stream);
   }
@@ -443,6 +462,12 @@ void input_grad_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t
   using Vec = OpVec<scalar_t>;
   const Vec mean_vec(mean), dy_scale(g.dy_scale), xmu_scale(g.xmu_scale), shift(g.shift);
   int64_t i = 0;
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    if (stream && (i = streaming_head(dx, n)) > 0) {
+      const Vec xmu_term = at::vec::fmadd(Vec::loadu(x, i) - mean_vec, xmu_scale, shift);
+      at::vec::fmadd(Vec::loadu(dy, i), dy_scale, xmu_term).store(dx, i);
+    }
+  }
   for (; i + Vec::size() <= n; i += Vec::size()) {
     const Vec xmu_term = at::vec::fmadd(load_vec(x + i) - mean_vec, xmu_scale, shift);
     store_output(dx + i, at::vec::fmadd(load_vec(dy + i), dy_scale, xmu_term), stream);
