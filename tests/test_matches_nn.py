@@ -95,7 +95,7 @@ LARGE_SHAPES = {
     "many_rows": (64, 3, 40, 40),
     "long_runs": (3, 2, 9000),
     "wide_rows": (40, 1100, 3),
-    # float32 outputs of 4 MB and more are streamed: whole when their runs fill whole lines
+    # float32 outputs of 2 MB and more are streamed: whole when their runs fill whole lines
     # (aligned), all but each plane's head and tail for long unaligned planes (1023 values), not at
     # all for short unaligned ones (7x7 below).
     "streamed_aligned": (16, 64, 32, 33),
