@@ -130,7 +130,16 @@ void store_vec(scalar_t* data, const OpVec<scalar_t>& values) {
   if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
     values.store(data);
   } else {
-    at::vec::convert_from_float<scalar_t>(values, values).store(data, OpVec<scalar_t>::size());
+    // The low half of the converted vector holds `values`: one plain store of it (a partial
+    // Vectorized::store is a masked store, much slower).
+    const at::vec::Vectorized<scalar_t> converted = at::vec::convert_from_float<scalar_t>(values, values);
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(data), _mm512_castsi512_si256(converted));
+#elif defined(CPU_CAPABILITY_AVX2)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(data), _mm256_castsi256_si128(converted));
+#else
+    converted.store(data, OpVec<scalar_t>::size());
+#endif
   }
 }
 
