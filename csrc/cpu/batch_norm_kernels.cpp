@@ -413,9 +413,9 @@ struct ChannelAffines {
   Affine<opmath_t> get(int64_t c) const { return {center[c], scale[c], shift[c]}; }
 };
 
-// Values of a streamed run before `out`'s next vector (and cache line) boundary: the run stores
-// them with one ordinary masked store, so that every streaming store after them covers whole
-// aligned lines.
+// Values of a streamed run before `out`'s next vector boundary (a cache line with AVX-512): the
+// run stores them with one ordinary masked store, so that every streaming store after them is
+// aligned.
 template <typename scalar_t>
 int64_t streaming_head(const scalar_t* out, int64_t n) {
   constexpr uintptr_t kVecBytes = sizeof(OpVec<scalar_t>);
