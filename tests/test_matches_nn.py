@@ -95,7 +95,7 @@ LARGE_SHAPES = {
     "many_rows": (64, 3, 40, 40),
     "long_runs": (3, 2, 9000),
     "wide_rows": (40, 1100, 3),
-    # float32 outputs of 2 MB and more are streamed: whole when their runs fill whole lines
+    # outputs of 2 MB and more are streamed: whole when their runs fill whole lines
     # (aligned), all but each plane's head and tail for long unaligned planes (1023 values), not at
     # all for short unaligned ones (7x7 below).
     "streamed_aligned": (16, 64, 32, 33),
@@ -106,23 +106,16 @@ LARGE_SHAPES = {
 }
 
 
-@pytest.mark.parametrize(
-    "shape,layout",
-    [(shape, layout) for shape in LARGE_SHAPES.values() for layout in ("contiguous", "channels_last")]
-    + [((70000, 3), "contiguous")],  # a contiguous (N, C) input already has its channel fastest
-    ids=[f"{name}-{layout}" for name in LARGE_SHAPES for layout in ("contiguous", "channels_last")] + ["tall_2d"],
-)
-@pytest.mark.parametrize("device", DEVICES)
-def test_large_inputs_as_accurate_as_nn(device, shape, layout):
-    """Shapes that span several chunks, blocks and parts of the kernels' reductions: every result
-    is at least as close to float64 math as nn.BatchNorm's float32 result (within a factor 2)."""
+def _assert_as_accurate_as_nn(device, shape, layout, dtype):
+    """Three steps (train, train, eval): every result of bnext is at least as close to float64
+    math as nn.BatchNorm's result (within a factor 2), on the same dtype-rounded input."""
     reference, candidate = module_pair(len(shape), shape[1], torch.float32, device=device)
     exact = copy.deepcopy(reference).double()
     for step, training in enumerate([True, True, False]):
         for module in (reference, candidate, exact):
             module.train(training)
-        x = make_input(shape, torch.float32, layout, seed=step, device=device) * 3 + 1
-        grad = torch.randn(shape, generator=torch.Generator().manual_seed(step)).to(device)
+        x = (make_input(shape, torch.float32, layout, seed=step, device=device) * 3 + 1).to(dtype)
+        grad = torch.randn(shape, generator=torch.Generator().manual_seed(step)).to(device, dtype)
         torch_result = _run_step(reference, x, grad)
         bnext_result = _run_step(candidate, x, grad)
         exact_result = _run_step(exact, x.double(), grad.double())
@@ -133,6 +126,27 @@ def test_large_inputs_as_accurate_as_nn(device, shape, layout):
             bnext_error = (bnext_result[name].double() - expected).abs().max().item()
             torch_error = (torch_result[name].double() - expected).abs().max().item()
             assert bnext_error <= 2 * torch_error + 1e-6, f"step {step} {name}: {bnext_error} vs torch {torch_error}"
+
+
+@pytest.mark.parametrize(
+    "shape,layout",
+    [(shape, layout) for shape in LARGE_SHAPES.values() for layout in ("contiguous", "channels_last")]
+    + [((70000, 3), "contiguous")],  # a contiguous (N, C) input already has its channel fastest
+    ids=[f"{name}-{layout}" for name in LARGE_SHAPES for layout in ("contiguous", "channels_last")] + ["tall_2d"],
+)
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_inputs_as_accurate_as_nn(device, shape, layout):
+    """Shapes that span several chunks, blocks and parts of the kernels' reductions."""
+    _assert_as_accurate_as_nn(device, shape, layout, torch.float32)
+
+
+@pytest.mark.parametrize("name", ["streamed_aligned", "streamed_unaligned"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_reduced_precision_inputs_as_accurate_as_nn(device, dtype, layout, name):
+    """bfloat16 and float16 outputs of 2 MB and more are streamed too (with float32 parameters)."""
+    _assert_as_accurate_as_nn(device, LARGE_SHAPES[name], layout, dtype)
 
 
 def test_modules_are_nn_subclasses_with_nn_constructor():

@@ -36,6 +36,42 @@ def test_huge_constant_channel_in_float64_normalizes_to_zero(device, layout):
     torch.testing.assert_close(y[:, [0, 2]], F.batch_norm(x, None, None, training=True)[:, [0, 2]])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "shape,layout",
+    [
+        ((4, 3, 5, 7), "contiguous"),
+        ((4, 3, 5, 7), "channels_last"),
+        # outputs of 2 MB and more are streamed: whole lines, and each plane's head and tail
+        ((16, 64, 32, 33), "contiguous"),
+        ((16, 64, 32, 32), "channels_last"),
+        ((8, 130, 31, 33), "contiguous"),
+        ((24, 1000, 7, 7), "contiguous"),
+    ],
+)
+@pytest.mark.parametrize("device", DEVICES)
+def test_reduced_precision_output_rounds_as_torch(device, shape, layout, dtype):
+    """A bfloat16/float16 eval output is bnext's float32 result on the same values, converted by
+    torch: rounded to nearest even, denormals kept, overflow to infinity, NaN kept."""
+    finfo = torch.finfo(dtype)
+    x = make_input(shape, dtype, layout, device=device)
+    x[1, 2].view(-1)[3] = float("nan")
+    channels = shape[1]
+    weight = torch.rand(channels) + 0.5
+    weight[0] = finfo.tiny  # outputs in dtype's denormal range
+    weight[1] = finfo.max / 2  # outputs beyond dtype's largest value
+    bias = torch.randn(channels)
+    bias[0] = 0.0
+    running_mean, running_var = torch.randn(channels) * 0.1, torch.rand(channels) + 0.5
+    params = [t.to(device) for t in (running_mean, running_var, weight, bias)]
+    y = bnext.batch_norm(x, *params, training=False)
+    expected = bnext.batch_norm(x.float(), *params, training=False).to(dtype)
+    assert y.dtype == dtype
+    assert (y[:, 0] != 0).any() and (y[:, 0].abs() < finfo.tiny).any() and y[:, 1].isinf().any()
+    assert torch.equal(y.isnan(), expected.isnan()) and y.isnan().sum() == 1
+    assert torch.equal(y.masked_fill(y.isnan(), 0), expected.masked_fill(expected.isnan(), 0))
+
+
 @pytest.mark.parametrize("layout", LAYOUTS + ["rank2", "rank3"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_large_mean_is_at_least_as_accurate_as_torch(device, layout):

@@ -3,8 +3,8 @@
 // Each memory layout of batch_norm_layout.h has its own loops and no conversion copy.
 //
 // Inner loops use at::vec SIMD (AVX-512 or AVX2, chosen at build time). Sums run in the compute
-// type in short stretches and accumulate in torch's CPU accumulation type (float64 for float32 and
-// float64 input, float32 for float16 and bfloat16). Statistics use sums shifted by a value of the
+// type (float32 for float32, bfloat16 and float16 input) in short stretches and accumulate in
+// float64. Statistics use sums shifted by a value of the
 // channel (no E[x^2] - E[x]^2 cancellation), merged across parts with Chan's formula. Reductions
 // use a partition fixed by the shape alone and merge in a fixed order, so results do not depend on
 // the number of threads.
@@ -12,7 +12,6 @@
 #include "../batch_norm_layout.h"
 #include "../batch_norm_math.h"
 
-#include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -26,6 +25,7 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -41,7 +41,7 @@ namespace {
 using at::Tensor;
 
 // Sums run in the compute type (float for float32) for this many terms per accumulator, then are
-// added into the accumulation type (double for float32): fast loops, no long float sums.
+// added into the accumulation type (double): fast loops, no long float sums.
 constexpr int64_t kFlushEvery = 8;
 // Values below which a parallel loop is not worth splitting (torch's own grain size).
 constexpr int64_t kGrainValues = 32768;
@@ -114,6 +114,12 @@ void write_channels(const Tensor& t, const std::vector<double>& values) {
 template <typename scalar_t>
 using OpVec = at::vec::Vectorized<at::opmath_type<scalar_t>>;
 
+// Type the sums accumulate in, past short stretches in the compute type: float64 for every input
+// type (torch's CPU accumulation type is float32 for bfloat16 and float16, whose long sums then
+// lose several float32 ulps; float64 makes them as accurate as float32 input's).
+template <typename scalar_t>
+using acc_type = double;
+
 template <typename scalar_t>
 OpVec<scalar_t> load_vec(const scalar_t* data) {
   if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
@@ -125,21 +131,77 @@ OpVec<scalar_t> load_vec(const scalar_t* data) {
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+using NarrowVec = __m256i;
+#elif defined(CPU_CAPABILITY_AVX2)
+using NarrowVec = __m128i;
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// One compute-type vector of a reduced type (bfloat16, float16) converted to it, as one integer
+// vector of half the width, bit for bit as torch converts.
+template <typename scalar_t>
+NarrowVec narrow(const OpVec<scalar_t>& values) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    // vcvtneps2bf16 is one instruction where torch's rounding takes ten. It rounds finite values
+    // and infinities the same way (to nearest even), but flushes denormals to zero and keeps NaN
+    // payloads: vectors holding either take torch's conversion.
+    constexpr int kNanOrDenormal = 0x01 | 0x20 | 0x80;  // quiet NaN, denormal, signaling NaN
+    if (_mm512_fpclass_ps_mask(values, kNanOrDenormal) == 0) {
+      return std::bit_cast<__m256i>(_mm512_cvtneps_pbh(values));
+    }
+  }
+#endif
+  const at::vec::Vectorized<scalar_t> converted = at::vec::convert_from_float<scalar_t>(values, values);
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_castsi512_si256(converted);
+#else
+  return _mm256_castsi256_si128(converted);
+#endif
+}
+#endif
+
 template <typename scalar_t>
 void store_vec(scalar_t* data, const OpVec<scalar_t>& values) {
   if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
     values.store(data);
   } else {
-    // The low half of the converted vector holds `values`: one plain store of it (a partial
-    // Vectorized::store is a masked store, much slower).
-    const at::vec::Vectorized<scalar_t> converted = at::vec::convert_from_float<scalar_t>(values, values);
+    // One plain store of the converted half-width vector (a partial Vectorized::store is a masked
+    // store, much slower).
 #if defined(CPU_CAPABILITY_AVX512)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(data), _mm512_castsi512_si256(converted));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(data), narrow<scalar_t>(values));
 #elif defined(CPU_CAPABILITY_AVX2)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(data), _mm256_castsi256_si128(converted));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(data), narrow<scalar_t>(values));
 #else
-    converted.store(data, OpVec<scalar_t>::size());
+    at::vec::convert_from_float<scalar_t>(values, values).store(data, OpVec<scalar_t>::size());
 #endif
+  }
+}
+
+// The first `count` values at `data` (count <= the vector size; the rest are zero).
+template <typename scalar_t>
+OpVec<scalar_t> load_vec(const scalar_t* data, int64_t count) {
+  using Vec = OpVec<scalar_t>;
+  if (count == Vec::size()) {
+    return load_vec(data);
+  }
+  if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
+    return Vec::loadu(data, count);
+  } else {
+    return std::get<0>(at::vec::convert_to_float(at::vec::Vectorized<scalar_t>::loadu(data, count)));
+  }
+}
+
+// Stores the first `count` values of `values` (count <= the vector size).
+template <typename scalar_t>
+void store_vec(scalar_t* data, const OpVec<scalar_t>& values, int64_t count) {
+  if (count == OpVec<scalar_t>::size()) {
+    store_vec(data, values);
+  } else if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
+    values.store(data, count);
+  } else {
+    at::vec::convert_from_float<scalar_t>(values, values).store(data, count);
   }
 }
 
@@ -155,11 +217,11 @@ T load_as(const scalar_t* data) {
 }
 
 // Totals per SIMD lane in the accumulation type, of vectors in the compute type (float32 lanes
-// widened to float64 for float32 input).
+// widened to float64).
 template <typename scalar_t>
 struct LaneTotals {
   using opmath_t = at::opmath_type<scalar_t>;
-  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+  using acc_t = acc_type<scalar_t>;
   using Vec = OpVec<scalar_t>;
   using AccVec = at::vec::Vectorized<acc_t>;
   static constexpr int64_t kLanes = Vec::size();
@@ -219,8 +281,8 @@ struct LaneTotals {
 
 // Two sums over the values of `num_runs` runs of `length` values, run r starting at r * run_stride
 // (the planes of one channel). SIMD lanes in the compute type (float for float32) take at most
-// kFlushEvery terms each, then are added lane by lane into totals of the accumulation type (double
-// for float32), which are summed across lanes once, at the end. The lanes carry over from one run to
+// kFlushEvery terms each, then are added lane by lane into totals of the accumulation type
+// (double), which are summed across lanes once, at the end. The lanes carry over from one run to
 // the next, so that short planes (7x7: three vectors and one value) share a flush.
 //
 // terms(i, first, second) adds the two terms of value i (a vector of values from i when the
@@ -228,7 +290,7 @@ struct LaneTotals {
 template <typename scalar_t, typename Terms>
 auto pair_sums(int64_t num_runs, int64_t run_stride, int64_t length, const Terms& terms) {
   using opmath_t = at::opmath_type<scalar_t>;
-  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+  using acc_t = acc_type<scalar_t>;
   using Vec = OpVec<scalar_t>;
   constexpr int64_t kLanes = Vec::size();
   // Independent accumulators per sum, to keep several vector adds in flight.
@@ -291,7 +353,7 @@ auto pair_sums(int64_t num_runs, int64_t run_stride, int64_t length, const Terms
 template <typename scalar_t>
 auto planar_channel_moments(const scalar_t* x, const Layout& layout, int64_t c) {
   using opmath_t = at::opmath_type<scalar_t>;
-  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+  using acc_t = acc_type<scalar_t>;
   const scalar_t* channel = x + c * layout.inner;
   const opmath_t shift = static_cast<opmath_t>(channel[0]);
   const auto [sum, sum_sq] = pair_sums<scalar_t>(
@@ -351,32 +413,49 @@ void for_each_channel(int64_t channels, const Body& body) {
   }
 }
 
-// Whether to stream `output`. Streaming stores must cover whole aligned lines, since a partly
-// written line makes them slow: rows and planes of whole vectors stream entirely; longer planes
-// (at least kMinStreamedPlane values) stream all but a head and a tail, stored as usual.
+// Whether to stream `output` (float32, bfloat16 or float16). Streaming stores must cover whole
+// aligned lines, since a partly written line makes them slow: rows and planes of whole vectors
+// stream entirely (a reduced type's half-line stores follow each other and fill lines together);
+// longer planes (at least kMinStreamedPlane values) stream all but a head and a tail, stored as usual.
 constexpr int64_t kMinStreamedPlane = 256;
 
 bool streams(const Tensor& output, const Layout& layout) {
   constexpr int64_t kLanes = at::vec::Vectorized<float>::size();
   const int64_t run = layout.rows ? layout.channels : layout.inner;
   const bool whole_lines = run % kLanes == 0 || (!layout.rows && run >= kMinStreamedPlane);
-  return output.scalar_type() == at::kFloat && output.nbytes() >= kStreamBytes &&
+  const auto dtype = output.scalar_type();
+  return (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf) && output.nbytes() >= kStreamBytes &&
          output.nbytes() < kStreamMaxBytes && whole_lines &&
          reinterpret_cast<uintptr_t>(output.const_data_ptr()) % 64 == 0;
 }
 
-// store_as, with a streaming store for an aligned float vector when `stream` is set.
+// Bytes one vector of the compute type occupies once stored as scalar_t: what a streaming store
+// of it writes (half a cache line for bfloat16 and float16 with AVX-512, a whole one for float).
+template <typename scalar_t>
+constexpr uintptr_t kStoredVecBytes = OpVec<scalar_t>::size() * sizeof(scalar_t);
+
+// store_as, with a streaming store for a vector whose destination is aligned when `stream` is
+// set. A reduced type streams its converted half vector; two of them in a row fill one line.
 template <typename scalar_t, typename T>
 void store_output(scalar_t* data, const T& values, bool stream) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<T, OpVec<float>>) {
-    if (stream && reinterpret_cast<uintptr_t>(data) % sizeof(T) == 0) {
+  if constexpr (std::is_same_v<T, OpVec<scalar_t>>) {
+    if (stream && reinterpret_cast<uintptr_t>(data) % kStoredVecBytes<scalar_t> == 0) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
 #if defined(CPU_CAPABILITY_AVX512)
-      _mm512_stream_ps(data, values);
+        _mm512_stream_ps(data, values);
 #else
-      _mm256_stream_ps(data, values);
+        _mm256_stream_ps(data, values);
 #endif
-      return;
+        return;
+      } else if constexpr (std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>) {
+#if defined(CPU_CAPABILITY_AVX512)
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(data), narrow<scalar_t>(values));
+#else
+        _mm_stream_si128(reinterpret_cast<__m128i*>(data), narrow<scalar_t>(values));
+#endif
+        return;
+      }
     }
   }
 #endif
@@ -413,14 +492,39 @@ struct ChannelAffines {
   Affine<opmath_t> get(int64_t c) const { return {center[c], scale[c], shift[c]}; }
 };
 
-// Values of a streamed run before `out`'s next vector boundary (a cache line with AVX-512): the
-// run stores them with one ordinary masked store, so that every streaming store after them is
-// aligned.
+// A cache line, in values of scalar_t.
 template <typename scalar_t>
-int64_t streaming_head(const scalar_t* out, int64_t n) {
-  constexpr uintptr_t kVecBytes = sizeof(OpVec<scalar_t>);
-  const uintptr_t misalignment = reinterpret_cast<uintptr_t>(out) % kVecBytes;
-  return misalignment == 0 ? 0 : std::min(n, static_cast<int64_t>((kVecBytes - misalignment) / sizeof(scalar_t)));
+constexpr int64_t kLineValues = 64 / sizeof(scalar_t);
+
+// out[i..] = values(i, count) over n values, one vector (count values) at a time. With `stream`,
+// whole lines are written with streaming stores, and the values before the first line boundary
+// and after the last one with ordinary stores, as a line partly streamed makes streaming slow.
+// A partial vector ends the run (short planes, 7x7, are mostly tail).
+template <typename scalar_t, typename Values>
+void map_run(scalar_t* out, int64_t n, bool stream, const Values& values) {
+  constexpr int64_t kSize = OpVec<scalar_t>::size();
+  constexpr int64_t kLine = kLineValues<scalar_t>;
+  static_assert(kLine % kSize == 0);
+  int64_t i = 0;
+  if (stream) {
+    const int64_t misalignment = reinterpret_cast<uintptr_t>(out) / sizeof(scalar_t) % kLine;
+    const int64_t head = misalignment == 0 ? 0 : std::min(n, kLine - misalignment);
+    const int64_t streamed_end = head + (n - head) / kLine * kLine;
+    while (i < head) {
+      const int64_t count = std::min(kSize, head - i);
+      store_vec(out + i, values(i, count), count);
+      i += count;
+    }
+    for (; i < streamed_end; i += kSize) {
+      store_output(out + i, values(i, kSize), /*stream=*/true);
+    }
+  }
+  for (; i + kSize <= n; i += kSize) {
+    store_vec(out + i, values(i, kSize));
+  }
+  if (i < n) {
+    store_vec(out + i, values(i, n - i), n - i);
+  }
 }
 
 // y = (x - center) * scale + shift over n values.
@@ -428,25 +532,9 @@ template <typename opmath_t, typename scalar_t>
 void normalize_run(const scalar_t* x, scalar_t* y, int64_t n, const Affine<opmath_t>& affine, bool stream) {
   using Vec = OpVec<scalar_t>;
   const Vec center(affine.center), scale(affine.scale), shift(affine.shift);
-  int64_t i = 0;
-  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-    if (stream && (i = streaming_head(y, n)) > 0) {
-      at::vec::fmadd(Vec::loadu(x, i) - center, scale, shift).store(y, i);
-    }
-  }
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    store_output(y + i, at::vec::fmadd(load_vec(x + i) - center, scale, shift), stream);
-  }
-  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-    // One partial vector for the tail: short planes (7x7) are mostly tail.
-    if (i < n) {
-      at::vec::fmadd(Vec::loadu(x + i, n - i) - center, scale, shift).store(y + i, n - i);
-    }
-    return;
-  }
-  for (; i < n; ++i) {
-    y[i] = static_cast<scalar_t>((static_cast<opmath_t>(x[i]) - affine.center) * affine.scale + affine.shift);
-  }
+  map_run(y, n, stream, [&](int64_t i, int64_t count) {
+    return at::vec::fmadd(load_vec(x + i, count) - center, scale, shift);
+  });
 }
 
 // The same over rows [row_begin, row_end) of a rows tensor, with each channel's coefficients.
@@ -473,28 +561,10 @@ void input_grad_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t
                     const InputGradient<opmath_t>& g, bool stream) {
   using Vec = OpVec<scalar_t>;
   const Vec mean_vec(mean), dy_scale(g.dy_scale), xmu_scale(g.xmu_scale), shift(g.shift);
-  int64_t i = 0;
-  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-    if (stream && (i = streaming_head(dx, n)) > 0) {
-      const Vec xmu_term = at::vec::fmadd(Vec::loadu(x, i) - mean_vec, xmu_scale, shift);
-      at::vec::fmadd(Vec::loadu(dy, i), dy_scale, xmu_term).store(dx, i);
-    }
-  }
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec xmu_term = at::vec::fmadd(load_vec(x + i) - mean_vec, xmu_scale, shift);
-    store_output(dx + i, at::vec::fmadd(load_vec(dy + i), dy_scale, xmu_term), stream);
-  }
-  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-    if (i < n) {
-      const Vec xmu_term = at::vec::fmadd(Vec::loadu(x + i, n - i) - mean_vec, xmu_scale, shift);
-      at::vec::fmadd(Vec::loadu(dy + i, n - i), dy_scale, xmu_term).store(dx + i, n - i);
-    }
-    return;
-  }
-  for (; i < n; ++i) {
-    const opmath_t xmu = static_cast<opmath_t>(x[i]) - mean;
-    dx[i] = static_cast<scalar_t>(static_cast<opmath_t>(dy[i]) * g.dy_scale + (xmu * g.xmu_scale + g.shift));
-  }
+  map_run(dx, n, stream, [&](int64_t i, int64_t count) {
+    const Vec xmu_term = at::vec::fmadd(load_vec(x + i, count) - mean_vec, xmu_scale, shift);
+    return at::vec::fmadd(load_vec(dy + i, count), dy_scale, xmu_term);
+  });
 }
 
 // The `batch` planes of channel c, normalized with one set of coefficients.
@@ -714,7 +784,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_train", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+    using acc_t = acc_type<scalar_t>;
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     scalar_t* y_data = output.mutable_data_ptr<scalar_t>();
     opmath_t* mean_data = save_mean.mutable_data_ptr<opmath_t>();
@@ -759,7 +829,7 @@ std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_stats", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+    using acc_t = acc_type<scalar_t>;
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     opmath_t* mean_data = mean.mutable_data_ptr<opmath_t>();
     opmath_t* var_data = var.mutable_data_ptr<opmath_t>();
@@ -862,7 +932,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
   if (x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_backward", [&] {
       using opmath_t = at::opmath_type<scalar_t>;
-      using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+      using acc_t = acc_type<scalar_t>;
       const scalar_t* x_data = x.const_data_ptr<scalar_t>();
       const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
       scalar_t* dx_data = output_mask[0] ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
