@@ -21,6 +21,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+#include <c10/macros/Macros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -121,7 +122,7 @@ template <typename scalar_t>
 using acc_type = double;
 
 template <typename scalar_t>
-OpVec<scalar_t> load_vec(const scalar_t* data) {
+C10_ALWAYS_INLINE OpVec<scalar_t> load_vec(const scalar_t* data) {
   if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
     return OpVec<scalar_t>::loadu(data);
   } else {
@@ -141,7 +142,7 @@ using NarrowVec = __m128i;
 // One compute-type vector of a reduced type (bfloat16, float16) converted to it, as one integer
 // vector of half the width, bit for bit as torch converts.
 template <typename scalar_t>
-NarrowVec narrow(const OpVec<scalar_t>& values) {
+C10_ALWAYS_INLINE NarrowVec narrow(const OpVec<scalar_t>& values) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     // vcvtneps2bf16 is one instruction where torch's rounding takes ten. It rounds finite values
@@ -163,7 +164,7 @@ NarrowVec narrow(const OpVec<scalar_t>& values) {
 #endif
 
 template <typename scalar_t>
-void store_vec(scalar_t* data, const OpVec<scalar_t>& values) {
+C10_ALWAYS_INLINE void store_vec(scalar_t* data, const OpVec<scalar_t>& values) {
   if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
     values.store(data);
   } else {
@@ -181,7 +182,7 @@ void store_vec(scalar_t* data, const OpVec<scalar_t>& values) {
 
 // The first `count` values at `data` (count <= the vector size; the rest are zero).
 template <typename scalar_t>
-OpVec<scalar_t> load_vec(const scalar_t* data, int64_t count) {
+C10_ALWAYS_INLINE OpVec<scalar_t> load_vec(const scalar_t* data, int64_t count) {
   using Vec = OpVec<scalar_t>;
   if (count == Vec::size()) {
     return load_vec(data);
@@ -189,19 +190,32 @@ OpVec<scalar_t> load_vec(const scalar_t* data, int64_t count) {
   if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
     return Vec::loadu(data, count);
   } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m256i narrow_values = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << count) - 1), data);
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(narrow_values), 16));
+    } else {
+      return _mm512_cvtph_ps(narrow_values);
+    }
+#else
     return std::get<0>(at::vec::convert_to_float(at::vec::Vectorized<scalar_t>::loadu(data, count)));
+#endif
   }
 }
 
 // Stores the first `count` values of `values` (count <= the vector size).
 template <typename scalar_t>
-void store_vec(scalar_t* data, const OpVec<scalar_t>& values, int64_t count) {
+C10_ALWAYS_INLINE void store_vec(scalar_t* data, const OpVec<scalar_t>& values, int64_t count) {
   if (count == OpVec<scalar_t>::size()) {
     store_vec(data, values);
   } else if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
     values.store(data, count);
   } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm256_mask_storeu_epi16(data, static_cast<__mmask16>((1u << count) - 1), narrow<scalar_t>(values));
+#else
     at::vec::convert_from_float<scalar_t>(values, values).store(data, count);
+#endif
   }
 }
 
@@ -437,7 +451,7 @@ constexpr uintptr_t kStoredVecBytes = OpVec<scalar_t>::size() * sizeof(scalar_t)
 // store_as, with a streaming store for a vector whose destination is aligned when `stream` is
 // set. A reduced type streams its converted half vector; two of them in a row fill one line.
 template <typename scalar_t, typename T>
-void store_output(scalar_t* data, const T& values, bool stream) {
+C10_ALWAYS_INLINE void store_output(scalar_t* data, const T& values, bool stream) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, OpVec<scalar_t>>) {
     if (stream && reinterpret_cast<uintptr_t>(data) % kStoredVecBytes<scalar_t> == 0) {
@@ -501,7 +515,7 @@ constexpr int64_t kLineValues = 64 / sizeof(scalar_t);
 // and after the last one with ordinary stores, as a line partly streamed makes streaming slow.
 // A partial vector ends the run (short planes, 7x7, are mostly tail).
 template <typename scalar_t, typename Values>
-void map_run(scalar_t* out, int64_t n, bool stream, const Values& values) {
+C10_ALWAYS_INLINE void map_run(scalar_t* out, int64_t n, bool stream, const Values& values) {
   constexpr int64_t kSize = OpVec<scalar_t>::size();
   constexpr int64_t kLine = kLineValues<scalar_t>;
   static_assert(kLine % kSize == 0);
@@ -532,7 +546,7 @@ template <typename opmath_t, typename scalar_t>
 void normalize_run(const scalar_t* x, scalar_t* y, int64_t n, const Affine<opmath_t>& affine, bool stream) {
   using Vec = OpVec<scalar_t>;
   const Vec center(affine.center), scale(affine.scale), shift(affine.shift);
-  map_run(y, n, stream, [&](int64_t i, int64_t count) {
+  map_run(y, n, stream, [&](int64_t i, int64_t count) C10_ALWAYS_INLINE_ATTRIBUTE {
     return at::vec::fmadd(load_vec(x + i, count) - center, scale, shift);
   });
 }
@@ -561,7 +575,7 @@ void input_grad_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t
                     const InputGradient<opmath_t>& g, bool stream) {
   using Vec = OpVec<scalar_t>;
   const Vec mean_vec(mean), dy_scale(g.dy_scale), xmu_scale(g.xmu_scale), shift(g.shift);
-  map_run(dx, n, stream, [&](int64_t i, int64_t count) {
+  map_run(dx, n, stream, [&](int64_t i, int64_t count) C10_ALWAYS_INLINE_ATTRIBUTE {
     const Vec xmu_term = at::vec::fmadd(load_vec(x + i, count) - mean_vec, xmu_scale, shift);
     return at::vec::fmadd(load_vec(dy + i, count), dy_scale, xmu_term);
   });
