@@ -257,7 +257,7 @@ struct LaneTotals {
   }
 
   // Pairwise across lanes, in a fixed order.
-  acc_t total() const {
+  C10_ALWAYS_INLINE acc_t total() const {
     alignas(64) acc_t totals[kLanes];
     for (int64_t part = 0; part < kParts; ++part) {
       parts[part].store(totals + part * AccVec::size());
@@ -543,7 +543,8 @@ C10_ALWAYS_INLINE void map_run(scalar_t* out, int64_t n, bool stream, const Valu
 
 // y = (x - center) * scale + shift over n values.
 template <typename opmath_t, typename scalar_t>
-void normalize_run(const scalar_t* x, scalar_t* y, int64_t n, const Affine<opmath_t>& affine, bool stream) {
+C10_ALWAYS_INLINE void normalize_run(const scalar_t* x, scalar_t* y, int64_t n, const Affine<opmath_t>& affine,
+                                     bool stream) {
   using Vec = OpVec<scalar_t>;
   const Vec center(affine.center), scale(affine.scale), shift(affine.shift);
   map_run(y, n, stream, [&](int64_t i, int64_t count) C10_ALWAYS_INLINE_ATTRIBUTE {
@@ -571,8 +572,8 @@ void normalize_rows(const scalar_t* x, scalar_t* y, int64_t channels, int64_t ro
 
 // dx = dy * dy_scale + (x - mean) * xmu_scale + shift over n values.
 template <typename opmath_t, typename scalar_t>
-void input_grad_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, opmath_t mean,
-                    const InputGradient<opmath_t>& g, bool stream) {
+C10_ALWAYS_INLINE void input_grad_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, opmath_t mean,
+                                      const InputGradient<opmath_t>& g, bool stream) {
   using Vec = OpVec<scalar_t>;
   const Vec mean_vec(mean), dy_scale(g.dy_scale), xmu_scale(g.xmu_scale), shift(g.shift);
   map_run(dx, n, stream, [&](int64_t i, int64_t count) C10_ALWAYS_INLINE_ATTRIBUTE {
