@@ -95,7 +95,7 @@ LARGE_SHAPES = {
     "many_rows": (64, 3, 40, 40),
     "long_runs": (3, 2, 9000),
     "wide_rows": (40, 1100, 3),
-    # outputs of 2 MB and more are streamed: whole when their runs fill whole lines
+    # outputs of 1.5 MB and more are streamed: whole when their runs fill whole lines
     # (aligned), all but each plane's head and tail for long unaligned planes (1023 values), not at
     # all for short unaligned ones (7x7 below).
     "streamed_aligned": (16, 64, 32, 33),
@@ -145,7 +145,7 @@ def test_large_inputs_as_accurate_as_nn(device, shape, layout):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("device", DEVICES)
 def test_large_reduced_precision_inputs_as_accurate_as_nn(device, dtype, layout, name):
-    """bfloat16 and float16 outputs of 2 MB and more are streamed too (with float32 parameters)."""
+    """bfloat16 and float16 outputs of 1.5 MB and more are streamed too (with float32 parameters)."""
     _assert_as_accurate_as_nn(device, LARGE_SHAPES[name], layout, dtype)
 
 

@@ -42,7 +42,7 @@ def test_huge_constant_channel_in_float64_normalizes_to_zero(device, layout):
     [
         ((4, 3, 5, 7), "contiguous"),
         ((4, 3, 5, 7), "channels_last"),
-        # outputs of 2 MB and more are streamed: whole lines, and each plane's head and tail
+        # outputs of 1.5 MB and more are streamed: whole lines, and each plane's head and tail
         ((16, 64, 32, 33), "contiguous"),
         ((16, 64, 32, 32), "channels_last"),
         ((8, 130, 31, 33), "contiguous"),
