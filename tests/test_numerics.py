@@ -69,7 +69,10 @@ def test_reduced_precision_output_rounds_as_torch(device, shape, layout, dtype):
     assert y.dtype == dtype
     assert (y[:, 0] != 0).any() and (y[:, 0].abs() < finfo.tiny).any() and y[:, 1].isinf().any()
     assert torch.equal(y.isnan(), expected.isnan()) and y.isnan().sum() == 1
-    assert torch.equal(y.masked_fill(y.isnan(), 0), expected.masked_fill(expected.isnan(), 0))
+    # bits (signed zeros too) wherever not NaN: torch's own scalar and vector conversions give
+    # different NaN bits
+    nan = y.isnan()
+    assert torch.equal(y.view(torch.int16).masked_fill(nan, 0), expected.view(torch.int16).masked_fill(nan, 0))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS + ["rank2", "rank3"])
