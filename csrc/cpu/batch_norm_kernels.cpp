@@ -369,17 +369,17 @@ auto pair_sums(int64_t num_runs, int64_t run_stride, int64_t length, const Terms
 // more than 10% of the training forward's time.
 constexpr int64_t kShiftValues = 4;
 
-// A value near the mean of `count` values at stride `stride` (count >= 1): their first plus the
+// A value near the mean of the `count` values at `values` (count >= 1): their first plus the
 // mean of their differences from it (exact for a constant channel), in the compute type. Sums of
 // squares around it barely cancel; around the first value alone, which can lie several standard
 // deviations away, the float32 lanes' rounding grew several-fold (invstd 3e-7 off on 7x7 planes).
 template <typename scalar_t>
-at::opmath_type<scalar_t> shift_of(const scalar_t* values, int64_t count, int64_t stride) {
+at::opmath_type<scalar_t> shift_of(const scalar_t* values, int64_t count) {
   using acc_t = acc_type<scalar_t>;
   const acc_t first = static_cast<acc_t>(values[0]);
   acc_t offsets = 0;
   for (int64_t i = 1; i < count; ++i) {
-    offsets += static_cast<acc_t>(values[i * stride]) - first;
+    offsets += static_cast<acc_t>(values[i]) - first;
   }
   // A multiply in the common case: a division would delay the channel's first sums.
   const acc_t mean_offset =
@@ -393,7 +393,7 @@ auto planar_channel_moments(const scalar_t* x, const Layout& layout, int64_t c) 
   using opmath_t = at::opmath_type<scalar_t>;
   using acc_t = acc_type<scalar_t>;
   const scalar_t* channel = x + c * layout.inner;
-  const opmath_t shift = shift_of(channel, std::min(layout.inner, kShiftValues), 1);
+  const opmath_t shift = shift_of(channel, std::min(layout.inner, kShiftValues));
   const auto [sum, sum_sq] = pair_sums<scalar_t>(
       layout.batch, layout.channels * layout.inner, layout.inner, [&](int64_t i, auto& sum, auto& sum_sq) {
         using T = std::decay_t<decltype(sum)>;
@@ -766,19 +766,39 @@ void add_rows(int64_t row_begin, int64_t row_end, int64_t width, acc_t* first, a
   }
 }
 
-// Moments of every channel of a rows tensor: each task sums shifted by a value near the channel's
-// mean (shift_of its first rows), then the parts are merged in order.
+// shift_of's value for every channel of a rows tensor, from its first rows; the loops run along
+// the channels, so that they vectorize.
 template <typename opmath_t, typename acc_t, typename scalar_t>
-std::vector<Moments<acc_t>> rows_moments(const scalar_t* x, const Layout& layout) {
+std::vector<opmath_t> rows_shifts(const scalar_t* x, const Layout& layout) {
+  const int64_t channels = layout.channels;
+  const int64_t count = std::min(layout.num_rows, kShiftValues);
+  std::vector<acc_t> offsets(channels, acc_t(0));
+  for (int64_t r = 1; r < count; ++r) {
+    for (int64_t c = 0; c < channels; ++c) {
+      offsets[c] += static_cast<acc_t>(x[r * channels + c]) - static_cast<acc_t>(x[c]);
+    }
+  }
+  std::vector<opmath_t> shifts(channels);
+  for (int64_t c = 0; c < channels; ++c) {
+    shifts[c] = static_cast<opmath_t>(static_cast<acc_t>(x[c]) + offsets[c] / static_cast<acc_t>(count));
+  }
+  return shifts;
+}
+
+// Channels per chunk of the loop that merges the parts of a rows reduction and finishes each
+// channel.
+constexpr int64_t kFinishGrain = 1024;
+
+// Moments of every channel of a rows tensor: each task sums shifted by a value near the channel's
+// mean (rows_shifts), then the parts are merged in order, and finish(c, moments) runs for each
+// channel, in parallel.
+template <typename opmath_t, typename acc_t, typename scalar_t, typename Finish>
+void rows_moments(const scalar_t* x, const Layout& layout, const Finish& finish) {
   const int64_t channels = layout.channels;
   const RowPartition partition(layout);
   std::vector<Moments<acc_t>> part_moments(partition.num_parts * channels);
-  // One shift per channel for every part, from the tensor's first rows (strided loads: once, not
-  // per part).
-  std::vector<opmath_t> shifts(channels);
-  for (int64_t c = 0; c < channels; ++c) {
-    shifts[c] = shift_of(x + c, std::min(layout.num_rows, kShiftValues), channels);
-  }
+  // One shift per channel for every part (strided loads: once, not per part).
+  const std::vector<opmath_t> shifts = rows_shifts<opmath_t, acc_t>(x, layout);
   at::parallel_for(0, partition.num_tasks(), 1, [&](int64_t task_begin, int64_t task_end) {
     acc_t sum[kChannelBlock];
     acc_t sum_sq[kChannelBlock];
@@ -808,15 +828,17 @@ std::vector<Moments<acc_t>> rows_moments(const scalar_t* x, const Layout& layout
       }
     }
   });
-  std::vector<Moments<acc_t>> total(channels);
-  at::parallel_for(0, channels, kGrainValues / std::max<int64_t>(1, partition.num_parts), [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, channels, kFinishGrain, [&](int64_t c0, int64_t c1) {
+    std::vector<Moments<acc_t>> total(c1 - c0);
     for (int64_t part = 0; part < partition.num_parts; ++part) {
       for (int64_t c = c0; c < c1; ++c) {
-        total[c] = merge(total[c], part_moments[part * channels + c]);
+        total[c - c0] = merge(total[c - c0], part_moments[part * channels + c]);
       }
     }
+    for (int64_t c = c0; c < c1; ++c) {
+      finish(c, total[c - c0]);
+    }
   });
-  return total;
 }
 
 // sum(dy) and sum(dy * (x - mean)) of every channel of a rows tensor, by fixed tasks.
@@ -902,15 +924,14 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
       });
       return;
     }
-    const std::vector<Moments<acc_t>> moments = rows_moments<opmath_t, acc_t>(x_data, layout);
     ChannelAffines<opmath_t> affines(layout.channels);
-    for (int64_t c = 0; c < layout.channels; ++c) {
-      const double mean = moments[c].mean;
-      const double invstd = inverse_std(double(moments[c].m2) / double(moments[c].count), eps);
+    rows_moments<opmath_t, acc_t>(x_data, layout, [&](int64_t c, const Moments<acc_t>& moments) {
+      const double mean = moments.mean;
+      const double invstd = inverse_std(double(moments.m2) / double(moments.count), eps);
       mean_data[c] = static_cast<opmath_t>(mean);
       invstd_data[c] = static_cast<opmath_t>(invstd);
       affines.set(c, normalize_affine<opmath_t>(mean, invstd, w[c], b[c]));
-    }
+    });
     normalize_all_rows(x_data, y_data, layout, affines, stream);
   });
   return {output, save_mean, save_invstd};
@@ -944,10 +965,7 @@ std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
       });
       return;
     }
-    const std::vector<Moments<acc_t>> moments = rows_moments<opmath_t, acc_t>(x_data, layout);
-    for (int64_t c = 0; c < layout.channels; ++c) {
-      store(c, moments[c]);
-    }
+    rows_moments<opmath_t, acc_t>(x_data, layout, store);
   });
   return {mean, var};
 }
