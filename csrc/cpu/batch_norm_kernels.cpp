@@ -452,9 +452,10 @@ void for_each_channel(int64_t channels, const Body& body) {
 }
 
 // Whether to stream `output` (float32, bfloat16 or float16). Streaming stores must cover whole
-// aligned lines, since a partly written line makes them slow: rows and planes of whole vectors
-// stream entirely (a reduced type's half-line stores follow each other and fill lines together);
-// longer planes (at least kMinStreamedPlane values) stream all but a head and a tail, stored as usual.
+// aligned lines, since a partly written line makes them slow: rows of whole vectors and planes of
+// whole lines stream entirely (a reduced type's half-line stores follow each other and fill lines
+// together); longer planes (at least kMinStreamedPlane values) stream all but a head and a tail,
+// stored as usual (map_run).
 constexpr int64_t kMinStreamedPlane = 256;
 
 bool streams(const Tensor& output, const Layout& layout) {
