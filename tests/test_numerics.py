@@ -75,6 +75,40 @@ def test_reduced_precision_output_rounds_as_torch(device, shape, layout, dtype):
     assert torch.equal(y.view(torch.int16).masked_fill(nan, 0), expected.view(torch.int16).masked_fill(nan, 0))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "shape,layout",
+    [
+        ((4, 3, 5, 7), "contiguous"),
+        ((4, 3, 5, 7), "channels_last"),
+        ((16, 64, 32, 33), "contiguous"),  # streamed outputs
+        ((16, 64, 32, 32), "channels_last"),
+        ((24, 1000, 7, 7), "contiguous"),
+    ],
+)
+def test_reduced_precision_training_is_float32_rounded_on_cpu(shape, layout, dtype):
+    """On CPU, bfloat16/float16 input computes in float32 from the same values as float32 input
+    would, with the same float64 sums: its training output and input gradient are the float32
+    results rounded by torch, bit for bit, and its weight and bias gradients equal them."""
+    x = make_input(shape, dtype, layout) * 2 + 1
+    grad = make_input(shape, dtype, layout, seed=1)
+    channels = shape[1]
+    weight = torch.rand(channels) + 0.5
+    bias = torch.randn(channels)
+    results = []
+    for x_in, grad_in in ((x, grad), (x.float(), grad.float())):
+        x_in = x_in.clone().requires_grad_()
+        w_in, b_in = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        y = bnext.batch_norm(x_in, None, None, w_in, b_in, training=True)
+        y.backward(grad_in)
+        results.append((y.detach(), x_in.grad, w_in.grad, b_in.grad))
+    (y, grad_x, grad_w, grad_b), (y32, grad_x32, grad_w32, grad_b32) = results
+    for got, exact in ((y, y32), (grad_x, grad_x32)):
+        assert got.dtype == dtype
+        assert torch.equal(got.view(torch.int16), exact.to(dtype).view(torch.int16))
+    assert torch.equal(grad_w, grad_w32) and torch.equal(grad_b, grad_b32)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS + ["rank2", "rank3"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_large_mean_is_at_least_as_accurate_as_torch(device, layout):
