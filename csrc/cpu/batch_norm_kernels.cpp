@@ -4,10 +4,9 @@
 //
 // Inner loops use at::vec SIMD (AVX-512 or AVX2, chosen at build time). Sums run in the compute
 // type (float32 for float32, bfloat16 and float16 input) in short stretches and accumulate in
-// float64. Statistics use sums shifted by a value of the
-// channel (no E[x^2] - E[x]^2 cancellation), merged across parts with Chan's formula. Reductions
-// use a partition fixed by the shape alone and merge in a fixed order, so results do not depend on
-// the number of threads.
+// float64. Statistics use sums shifted by a value near the channel's mean (no E[x^2] - E[x]^2
+// cancellation), merged across parts with Chan's formula. Reductions use a partition fixed by the
+// shape alone and merge in a fixed order, so results do not depend on the number of threads.
 #include "../batch_norm_checks.h"
 #include "../batch_norm_layout.h"
 #include "../batch_norm_math.h"
@@ -181,6 +180,13 @@ C10_ALWAYS_INLINE void store_vec(scalar_t* data, const OpVec<scalar_t>& values) 
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// Mask of a 16-lane vector's first `count` lanes.
+inline __mmask16 leading_lanes_mask(int64_t count) {
+  return static_cast<__mmask16>((1u << count) - 1);
+}
+#endif
+
 // The first `count` values at `data` (count <= the vector size; the rest are zero).
 template <typename scalar_t>
 C10_ALWAYS_INLINE OpVec<scalar_t> load_vec(const scalar_t* data, int64_t count) {
@@ -192,7 +198,7 @@ C10_ALWAYS_INLINE OpVec<scalar_t> load_vec(const scalar_t* data, int64_t count) 
     return Vec::loadu(data, count);
   } else {
 #if defined(CPU_CAPABILITY_AVX512)
-    const __m256i narrow_values = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << count) - 1), data);
+    const __m256i narrow_values = _mm256_maskz_loadu_epi16(leading_lanes_mask(count), data);
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
       return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(narrow_values), 16));
     } else {
@@ -213,7 +219,7 @@ C10_ALWAYS_INLINE void store_vec(scalar_t* data, const OpVec<scalar_t>& values, 
     values.store(data, count);
   } else {
 #if defined(CPU_CAPABILITY_AVX512)
-    _mm256_mask_storeu_epi16(data, static_cast<__mmask16>((1u << count) - 1), narrow<scalar_t>(values));
+    _mm256_mask_storeu_epi16(data, leading_lanes_mask(count), narrow<scalar_t>(values));
 #else
     at::vec::convert_from_float<scalar_t>(values, values).store(data, count);
 #endif
@@ -373,6 +379,15 @@ constexpr int64_t kShiftValues = 4;
 // mean of their differences from it (exact for a constant channel), in the compute type. Sums of
 // squares around it barely cancel; around the first value alone, which can lie several standard
 // deviations away, the float32 lanes' rounding grew several-fold (invstd 3e-7 off on 7x7 planes).
+template <typename opmath_t, typename acc_t>
+opmath_t shift_from(acc_t first, acc_t offsets, int64_t count) {
+  // A multiply in the common case (exact: kShiftValues is a power of two): a division would delay
+  // the channel's first sums.
+  const acc_t mean_offset =
+      count == kShiftValues ? offsets * (acc_t(1) / kShiftValues) : offsets / static_cast<acc_t>(count);
+  return static_cast<opmath_t>(first + mean_offset);
+}
+
 template <typename scalar_t>
 at::opmath_type<scalar_t> shift_of(const scalar_t* values, int64_t count) {
   using acc_t = acc_type<scalar_t>;
@@ -381,10 +396,7 @@ at::opmath_type<scalar_t> shift_of(const scalar_t* values, int64_t count) {
   for (int64_t i = 1; i < count; ++i) {
     offsets += static_cast<acc_t>(values[i]) - first;
   }
-  // A multiply in the common case: a division would delay the channel's first sums.
-  const acc_t mean_offset =
-      count == kShiftValues ? offsets * (acc_t(1) / kShiftValues) : offsets / static_cast<acc_t>(count);
-  return static_cast<at::opmath_type<scalar_t>>(first + mean_offset);
+  return shift_from<at::opmath_type<scalar_t>>(first, offsets, count);
 }
 
 // Moments of channel c of a planar tensor, by sums shifted by a value near its mean (shift_of).
@@ -767,8 +779,8 @@ void add_rows(int64_t row_begin, int64_t row_end, int64_t width, acc_t* first, a
   }
 }
 
-// shift_of's value for every channel of a rows tensor, from its first rows; the loops run along
-// the channels, so that they vectorize.
+// shift_of's value (through shift_from) for every channel of a rows tensor, from its first rows;
+// the loops run along the channels, so that they vectorize.
 template <typename opmath_t, typename acc_t, typename scalar_t>
 std::vector<opmath_t> rows_shifts(const scalar_t* x, const Layout& layout) {
   const int64_t channels = layout.channels;
@@ -781,7 +793,7 @@ std::vector<opmath_t> rows_shifts(const scalar_t* x, const Layout& layout) {
   }
   std::vector<opmath_t> shifts(channels);
   for (int64_t c = 0; c < channels; ++c) {
-    shifts[c] = static_cast<opmath_t>(static_cast<acc_t>(x[c]) + offsets[c] / static_cast<acc_t>(count));
+    shifts[c] = shift_from<opmath_t>(static_cast<acc_t>(x[c]), offsets[c], count);
   }
   return shifts;
 }
