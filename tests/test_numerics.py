@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import bnext
-from helpers import DEVICES, make_input
+from helpers import DEVICES, assert_close, make_input
 
 LAYOUTS = ["contiguous", "channels_last"]
 
@@ -171,6 +171,35 @@ def test_results_do_not_depend_on_thread_count(shape, layout, dtype):
     for other in outputs[1:]:
         for got, expected in zip(other, outputs[0]):
             assert torch.equal(got, expected)
+
+
+def _bits(t):
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=lambda d: str(d).removeprefix("torch.")
+)
+@pytest.mark.parametrize("plane", [(4, 4), (4, 5), (7, 7), (8, 8), (14, 14), (15, 17)], ids=lambda p: f"{p[0]}x{p[1]}")
+@pytest.mark.parametrize("streamed", [False, True], ids=["small", "streamed"])
+def test_eval_of_short_planes_keeps_each_channel_apart(streamed, plane, dtype):
+    """CPU eval walks contiguous input with planes of 16 to 255 values in memory order, a vector
+    straddling two planes taking each lane's coefficients from its own channel; outputs of 1.5 MB
+    and more are streamed whole. Each channel's output is, bit for bit, the output of that channel
+    alone, and all of it matches torch within the dtype's tolerance."""
+    channels = 37
+    values = (2 << 20) // dtype.itemsize if streamed else 20000  # 2 MB, or 20000 values
+    batch = -(-values // (channels * plane[0] * plane[1]))
+    x = make_input((batch, channels, *plane), dtype, "contiguous") * 2 + 1
+    mean, var = torch.randn(channels, dtype=torch.float64), torch.rand(channels, dtype=torch.float64) + 0.5
+    weight, bias = torch.randn(channels, dtype=torch.float64), torch.randn(channels, dtype=torch.float64)
+    params = [t.to(torch.float64 if dtype == torch.float64 else torch.float32) for t in (mean, var, weight, bias)]
+    y = bnext.batch_norm(x, *params, training=False)
+    for c in range(channels):
+        alone = bnext.batch_norm(x[:, c : c + 1].contiguous(), *[t[c : c + 1] for t in params], training=False)
+        assert torch.equal(_bits(y[:, c : c + 1]), _bits(alone)), f"channel {c}"
+    expected = F.batch_norm(x.double(), mean, var, weight, bias, training=False)
+    assert_close(y, expected.to(dtype), dtype)
 
 
 def test_one_openmp_runtime_in_the_process():

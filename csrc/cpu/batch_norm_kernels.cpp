@@ -470,14 +470,22 @@ void for_each_channel(int64_t channels, const Body& body) {
 // stored as usual (map_run).
 constexpr int64_t kMinStreamedPlane = 256;
 
-bool streams(const Tensor& output, const Layout& layout) {
+// Whether an elementwise pass that needs no per-channel sums first walks a planar tensor's planes
+// in memory order (map_planes_in_order) rather than channel by channel: planes too short to
+// stream on their own, but at least `lanes` values (a vector then straddles at most two planes).
+bool planes_in_memory_order(const Layout& layout, int64_t lanes) {
+  return !layout.rows && layout.inner >= lanes && layout.inner < kMinStreamedPlane;
+}
+
+// `in_memory_order`: the pass writes planar output as one run (map_planes_in_order), whole lines.
+bool streams(const Tensor& output, const Layout& layout, bool in_memory_order = false) {
   constexpr int64_t kLanes = at::vec::Vectorized<float>::size();
   const int64_t run = layout.rows ? layout.channels : layout.inner;
   // Rows follow each other in memory, so rows of whole vectors fill whole lines together; a plane
   // streams only the whole lines inside it.
   const int64_t line_values = 64 / static_cast<int64_t>(output.element_size());
   const bool whole_lines =
-      layout.rows ? run % kLanes == 0 : (run % line_values == 0 || run >= kMinStreamedPlane);
+      layout.rows ? run % kLanes == 0 : (in_memory_order || run % line_values == 0 || run >= kMinStreamedPlane);
   const auto dtype = output.scalar_type();
   return (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf) && output.nbytes() >= kStreamBytes &&
          output.nbytes() < kStreamMaxBytes && whole_lines &&
@@ -591,6 +599,102 @@ C10_ALWAYS_INLINE void normalize_run(const scalar_t* x, scalar_t* y, int64_t n, 
   map_run(y, n, stream, [&](int64_t i, int64_t count) C10_ALWAYS_INLINE_ATTRIBUTE {
     return at::vec::fmadd(load_vec(x + i, count) - center, scale, shift);
   });
+}
+
+// Lanes below `count` from `first`, the others from `second`.
+template <typename Vec>
+C10_ALWAYS_INLINE Vec blend_leading(const Vec& first, const Vec& second, int64_t count) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<Vec, at::vec::Vectorized<float>>) {
+    return _mm512_mask_blend_ps(leading_lanes_mask(count), second, first);
+  }
+#endif
+  return Vec::set(second, first, count);
+}
+
+// out[i..] = values(i, count, coefficients(c)) over a whole planar tensor in memory order, c the
+// channel of value i, one vector (count values) at a time; planes of at least one vector
+// (planes_in_memory_order). Threads split the tensor at line boundaries, so with `stream` every
+// line but the tensor's last is written whole by streaming stores, whatever the planes' length.
+// A vector straddling two planes is computed with both channels' coefficients and takes each
+// lane from its own channel. Against a walk channel by channel, this drops each short plane's
+// setup, head and tail (7x7 planes are three vectors and one value).
+//
+// The functions are copied into each task, and should capture by value: what a loop reads through
+// a reference it reloads after every store, which may alias it.
+template <typename scalar_t, typename Coefficients, typename Values>
+void map_planes_in_order(scalar_t* out, const Layout& layout, bool stream, const Coefficients& coefficients,
+                         const Values& values) {
+  using Vec = OpVec<scalar_t>;
+  constexpr int64_t kSize = Vec::size();
+  constexpr int64_t kLine = kLineValues<scalar_t>;
+  const int64_t inner = layout.inner;
+  const int64_t channels = layout.channels;
+  const int64_t total = layout.batch * channels * inner;
+  const int64_t num_lines = (total + kLine - 1) / kLine;
+  parallel_for_output(0, num_lines, kGrainValues / kLine, stream, [=](int64_t line_begin, int64_t line_end) {
+    const int64_t end = std::min(total, line_end * kLine);
+    int64_t i = line_begin * kLine;
+    const int64_t plane = i / inner;
+    int64_t boundary = (plane + 1) * inner;  // where the current plane ends
+    int64_t next_channel = (plane + 1) % channels;
+    auto current = coefficients(plane % channels);
+    auto next = coefficients(next_channel);
+    const auto advance = [&] {
+      boundary += inner;
+      next_channel = next_channel + 1 == channels ? 0 : next_channel + 1;
+      current = next;
+      next = coefficients(next_channel);
+    };
+    for (;;) {
+      // The current plane's whole vectors, then the one straddling its end, if any.
+      const int64_t stop = std::min(boundary, end);
+      for (; i + kSize <= stop; i += kSize) {
+        store_output(out + i, values(i, kSize, current), stream);
+      }
+      if (i == end) {
+        break;
+      }
+      if (i == boundary) {
+        advance();
+        continue;
+      }
+      const int64_t count = std::min(kSize, end - i);  // a partial vector ends the tensor
+      Vec result = values(i, count, current);
+      if (boundary < i + count) {
+        result = blend_leading(result, values(i, count, next), boundary - i);
+        advance();
+      }
+      if (count == kSize) {
+        store_output(out + i, result, stream);
+      } else {
+        store_vec(out + i, result, count);
+      }
+      i += count;
+    }
+  });
+}
+
+// normalize_run's vectors of one channel's coefficients.
+template <typename Vec>
+struct AffineVecs {
+  Vec center, scale, shift;
+};
+
+// y = (x - center) * scale + shift over a planar tensor in memory order (map_planes_in_order).
+template <typename opmath_t, typename scalar_t>
+void normalize_planes_in_order(const scalar_t* x, scalar_t* y, const Layout& layout,
+                               const ChannelAffines<opmath_t>& affines, bool stream) {
+  using Vec = OpVec<scalar_t>;
+  const opmath_t* center = affines.center.data();
+  const opmath_t* scale = affines.scale.data();
+  const opmath_t* shift = affines.shift.data();
+  map_planes_in_order(
+      y, layout, stream,
+      [=](int64_t c) { return AffineVecs<Vec>{Vec(center[c]), Vec(scale[c]), Vec(shift[c])}; },
+      [=](int64_t i, int64_t count, const AffineVecs<Vec>& k) C10_ALWAYS_INLINE_ATTRIBUTE {
+        return at::vec::fmadd(load_vec(x + i, count) - k.center, k.scale, k.shift);
+      });
 }
 
 // The same over rows [row_begin, row_end) of a rows tensor, with each channel's coefficients.
@@ -991,7 +1095,6 @@ Tensor batch_norm_eval(const Tensor& input, const Tensor& running_mean, const Te
   if (x.numel() == 0) {
     return output;
   }
-  const bool stream = streams(output, layout);
   const std::vector<double> mean_values = read_channels(running_mean, layout.channels, 0.0);
   const std::vector<double> var_values = read_channels(running_var, layout.channels, 1.0);
   const std::vector<double> weight_values = read_channels(weight, layout.channels, 1.0);
@@ -1003,6 +1106,8 @@ Tensor batch_norm_eval(const Tensor& input, const Tensor& running_mean, const Te
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_eval", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
+    const bool in_memory_order = planes_in_memory_order(layout, OpVec<scalar_t>::size());
+    const bool stream = streams(output, layout, in_memory_order);
     ChannelAffines<opmath_t> affines(layout.channels);
     for (int64_t c = 0; c < layout.channels; ++c) {
       affines.set(c, normalize_affine<opmath_t>(mu[c], inverse_std(var[c], eps), w[c], b[c]));
@@ -1011,6 +1116,8 @@ Tensor batch_norm_eval(const Tensor& input, const Tensor& running_mean, const Te
     scalar_t* y_data = output.mutable_data_ptr<scalar_t>();
     if (layout.rows) {
       normalize_all_rows(x_data, y_data, layout, affines, stream);
+    } else if (in_memory_order) {
+      normalize_planes_in_order(x_data, y_data, layout, affines, stream);
     } else {
       normalize_planar(x_data, y_data, layout, affines, stream);
     }
