@@ -777,12 +777,38 @@ void normalize_planar(const scalar_t* x, scalar_t* y, const Layout& layout, cons
   });
 }
 
+// Values per block of rows_last_first.
+constexpr int64_t kRowBlockValues = 16384;
+
+// body(block_begin, block_end) over rows [begin, end) of `channels` values each, in blocks of about
+// kRowBlockValues values, the last block first. An elementwise pass after a reduction over the
+// same rows (split alike between threads) walks them so: it starts on the rows the reduction read
+// last, still in the core's cache, rather than on those long evicted. Training forward on 2
+// threads: 8x64x56x56 channels_last 0.385 -> 0.335 ms, 8x1024x14x14 channels_last 0.49 -> 0.44
+// ms, (4096, 256) 0.282 -> 0.263 ms.
+template <typename Body>
+void rows_last_first(int64_t begin, int64_t end, int64_t channels, const Body& body) {
+  const int64_t block = std::max<int64_t>(1, kRowBlockValues / std::max<int64_t>(1, channels));
+  for (int64_t block_end = end; block_end > begin; block_end -= block) {
+    body(std::max(begin, block_end - block), block_end);
+  }
+}
+
+// Parallel over rows, each normalized with its channels' coefficients; `after_reduction`: the
+// statistics were just reduced over these rows (rows_last_first).
 template <typename opmath_t, typename scalar_t>
 void normalize_all_rows(const scalar_t* x, scalar_t* y, const Layout& layout, const ChannelAffines<opmath_t>& affines,
-                        bool stream) {
-  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, layout.channels));
+                        bool stream, bool after_reduction) {
+  const int64_t channels = layout.channels;
+  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, channels));
   parallel_for_output(0, layout.num_rows, grain, stream, [&](int64_t begin, int64_t end) {
-    normalize_rows(x, y, layout.channels, begin, end, affines, stream);
+    if (!after_reduction) {
+      normalize_rows(x, y, channels, begin, end, affines, stream);
+      return;
+    }
+    rows_last_first(begin, end, channels, [&](int64_t block_begin, int64_t block_end) {
+      normalize_rows(x, y, channels, block_begin, block_end, affines, stream);
+    });
   });
 }
 
@@ -1049,7 +1075,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
       invstd_data[c] = static_cast<opmath_t>(invstd);
       affines.set(c, normalize_affine<opmath_t>(mean, invstd, w[c], b[c]));
     });
-    normalize_all_rows(x_data, y_data, layout, affines, stream);
+    normalize_all_rows(x_data, y_data, layout, affines, stream, /*after_reduction=*/true);
   });
   return {output, save_mean, save_invstd};
 }
@@ -1115,7 +1141,7 @@ Tensor batch_norm_eval(const Tensor& input, const Tensor& running_mean, const Te
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     scalar_t* y_data = output.mutable_data_ptr<scalar_t>();
     if (layout.rows) {
-      normalize_all_rows(x_data, y_data, layout, affines, stream);
+      normalize_all_rows(x_data, y_data, layout, affines, stream, /*after_reduction=*/false);
     } else if (in_memory_order) {
       normalize_planes_in_order(x_data, y_data, layout, affines, stream);
     } else {
@@ -1234,9 +1260,15 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
         xmu_scale[c] = g.xmu_scale;
         shift[c] = g.shift;
       }
+      const RowGradients<opmath_t> g{mean_op.data(), dy_scale.data(), xmu_scale.data(), shift.data()};
       parallel_for_output(0, layout.num_rows, grain, stream, [&](int64_t begin, int64_t end) {
-        const RowGradients<opmath_t> g{mean_op.data(), dy_scale.data(), xmu_scale.data(), shift.data()};
-        input_grad_rows(dy_data, x_data, dx_data, channels, begin, end, g, stream);
+        if (!need_sums) {
+          input_grad_rows(dy_data, x_data, dx_data, channels, begin, end, g, stream);
+          return;
+        }
+        rows_last_first(begin, end, channels, [&](int64_t block_begin, int64_t block_end) {
+          input_grad_rows(dy_data, x_data, dx_data, channels, block_begin, block_end, g, stream);
+        });
       });
     });
   }
