@@ -452,7 +452,7 @@ T multiply_add(const T& a, const T& b, const T& c) {
 // body(j, T{}) for the channels of one row: T is a vector for channels j.., then the compute
 // type for each channel of the tail.
 template <typename scalar_t, typename Body>
-void for_each_channel(int64_t channels, const Body& body) {
+C10_ALWAYS_INLINE void for_each_channel(int64_t channels, const Body& body) {
   using Vec = OpVec<scalar_t>;
   int64_t j = 0;
   for (; j + Vec::size() <= channels; j += Vec::size()) {
