@@ -449,17 +449,37 @@ T multiply_add(const T& a, const T& b, const T& c) {
   }
 }
 
-// body(j, T{}) for the channels of one row: T is a vector for channels j.., then the compute
-// type for each channel of the tail.
+// Channels per block of an elementwise rows pass, a multiple of the vector size: the pass walks
+// its rows once per block, so that the block's per-channel coefficients (12 or 16 bytes a channel)
+// stay in L1 rather than coming from L2 at every row. On 2 threads, (64, 8192): eval 0.107 ->
+// 0.091 ms, backward 0.324 -> 0.306 ms; (256, 1024) eval 0.036 -> 0.027 ms.
+constexpr int64_t kCoefficientBlock = 512;
+
+// body(j, T{}) for channels [begin, end) of one row: T is a vector for channels j.., then the
+// compute type for each channel of the tail.
 template <typename scalar_t, typename Body>
-C10_ALWAYS_INLINE void for_each_channel(int64_t channels, const Body& body) {
+C10_ALWAYS_INLINE void for_each_channel(int64_t begin, int64_t end, const Body& body) {
   using Vec = OpVec<scalar_t>;
-  int64_t j = 0;
-  for (; j + Vec::size() <= channels; j += Vec::size()) {
+  int64_t j = begin;
+  for (; j + Vec::size() <= end; j += Vec::size()) {
     body(j, Vec());
   }
-  for (; j < channels; ++j) {
+  for (; j < end; ++j) {
     body(j, at::opmath_type<scalar_t>());
+  }
+}
+
+// body(r, j, T{}) for rows [row_begin, row_end) of `channels` channels, in blocks of
+// kCoefficientBlock channels (for_each_channel).
+template <typename scalar_t, typename Body>
+C10_ALWAYS_INLINE void for_each_row_channel(int64_t row_begin, int64_t row_end, int64_t channels, const Body& body) {
+  for (int64_t block = 0; block < channels; block += kCoefficientBlock) {
+    const int64_t block_end = std::min(channels, block + kCoefficientBlock);
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      for_each_channel<scalar_t>(block, block_end, [&](int64_t c, auto kind) C10_ALWAYS_INLINE_ATTRIBUTE {
+        body(r, c, kind);
+      });
+    }
   }
 }
 
@@ -704,15 +724,12 @@ void normalize_rows(const scalar_t* x, scalar_t* y, int64_t channels, int64_t ro
   const opmath_t* center = affines.center.data();
   const opmath_t* scale = affines.scale.data();
   const opmath_t* shift = affines.shift.data();
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    const scalar_t* x_row = x + r * channels;
-    scalar_t* y_row = y + r * channels;
-    for_each_channel<scalar_t>(channels, [&](int64_t c, auto kind) {
-      using T = decltype(kind);
-      const T centered = load_as<T>(x_row + c) - load_as<T>(center + c);
-      store_output(y_row + c, multiply_add(centered, load_as<T>(scale + c), load_as<T>(shift + c)), stream);
-    });
-  }
+  for_each_row_channel<scalar_t>(row_begin, row_end, channels, [&](int64_t r, int64_t c, auto kind) {
+    using T = decltype(kind);
+    const int64_t i = r * channels + c;
+    const T centered = load_as<T>(x + i) - load_as<T>(center + c);
+    store_output(y + i, multiply_add(centered, load_as<T>(scale + c), load_as<T>(shift + c)), stream);
+  });
 }
 
 // dx = dy * dy_scale + (x - mean) * xmu_scale + shift over n values.
@@ -742,17 +759,13 @@ struct RowGradients {
 template <typename opmath_t, typename scalar_t>
 void input_grad_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t channels, int64_t row_begin,
                      int64_t row_end, RowGradients<opmath_t> g, bool stream) {
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    const scalar_t* dy_row = dy + r * channels;
-    const scalar_t* x_row = x + r * channels;
-    scalar_t* dx_row = dx + r * channels;
-    for_each_channel<scalar_t>(channels, [&](int64_t c, auto kind) {
-      using T = decltype(kind);
-      const T xmu = load_as<T>(x_row + c) - load_as<T>(g.mean + c);
-      const T xmu_term = multiply_add(xmu, load_as<T>(g.xmu_scale + c), load_as<T>(g.shift + c));
-      store_output(dx_row + c, multiply_add(load_as<T>(dy_row + c), load_as<T>(g.dy_scale + c), xmu_term), stream);
-    });
-  }
+  for_each_row_channel<scalar_t>(row_begin, row_end, channels, [&](int64_t r, int64_t c, auto kind) {
+    using T = decltype(kind);
+    const int64_t i = r * channels + c;
+    const T xmu = load_as<T>(x + i) - load_as<T>(g.mean + c);
+    const T xmu_term = multiply_add(xmu, load_as<T>(g.xmu_scale + c), load_as<T>(g.shift + c));
+    store_output(dx + i, multiply_add(load_as<T>(dy + i), load_as<T>(g.dy_scale + c), xmu_term), stream);
+  });
 }
 
 // The `batch` planes of channel c, normalized with one set of coefficients.
