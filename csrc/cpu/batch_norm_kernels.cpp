@@ -97,6 +97,85 @@ std::vector<double> read_channels(const std::optional<Tensor>& t, int64_t channe
   return values;
 }
 
+// Channels per block of the per-channel loops (for_channel_blocks): a block's float64 values stay
+// in L1. Wide inputs with few rows have more per-channel values than data: arrays of float64 per
+// tensor cost (2, 65536) more than its kernels.
+constexpr int64_t kParamBlock = 256;
+// Blocks below which a per-channel loop runs on one thread.
+constexpr int64_t kParamBlockGrain = 32;
+
+// body(c0, count) over the channels in blocks of at most kParamBlock, in parallel for many blocks.
+template <typename Body>
+void for_channel_blocks(int64_t channels, const Body& body) {
+  const int64_t num_blocks = (channels + kParamBlock - 1) / kParamBlock;
+  at::parallel_for(0, num_blocks, kParamBlockGrain, [&](int64_t block_begin, int64_t block_end) {
+    for (int64_t block = block_begin; block < block_end; ++block) {
+      const int64_t c0 = block * kParamBlock;
+      body(c0, std::min(kParamBlock, channels - c0));
+    }
+  });
+}
+
+// A per-channel tensor (or its absence: every value `fill`) read and written by blocks of
+// channels as float64. A tensor that is not one strided run is read from a contiguous copy, and
+// written back by commit().
+class ChannelValues {
+ public:
+  ChannelValues(const std::optional<Tensor>& t, double fill)
+      : given_(is_given(t)), fill_(fill), original_(given_ ? *t : Tensor()) {
+    if (given_) {
+      run_ = channel_run(*t);
+      stride_ = channel_stride(run_);
+    }
+  }
+
+  // Values [c0, c0 + count) into out.
+  void read(int64_t c0, int64_t count, double* out) const {
+    if (!given_) {
+      std::fill(out, out + count, fill_);
+      return;
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, run_.scalar_type(), "bnext_read_channels", [&] {
+      const scalar_t* data = run_.const_data_ptr<scalar_t>() + c0 * stride_;
+      if (stride_ == 1) {  // the usual case, a loop that vectorizes
+        std::copy(data, data + count, out);
+        return;
+      }
+      for (int64_t j = 0; j < count; ++j) {
+        out[j] = static_cast<double>(data[j * stride_]);
+      }
+    });
+  }
+
+  // values[0, count) into channels [c0, c0 + count), in the tensor's dtype.
+  void write(int64_t c0, int64_t count, const double* values) const {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, run_.scalar_type(), "bnext_write_channels", [&] {
+      scalar_t* data = run_.mutable_data_ptr<scalar_t>() + c0 * stride_;
+      if (stride_ == 1) {
+        std::copy(values, values + count, data);
+        return;
+      }
+      for (int64_t j = 0; j < count; ++j) {
+        data[j * stride_] = static_cast<scalar_t>(values[j]);
+      }
+    });
+  }
+
+  // After write(): the values into the tensor itself, where they went to a copy.
+  void commit() const {
+    if (given_ && !run_.is_same(original_)) {
+      original_.copy_(run_);
+    }
+  }
+
+ private:
+  bool given_;
+  double fill_;
+  Tensor original_;
+  Tensor run_;
+  int64_t stride_ = 1;
+};
+
 // Writes float64 per-channel values into `t`, in place, in its own dtype.
 void write_channels(const Tensor& t, const std::vector<double>& values) {
   Tensor run = channel_run(t);
@@ -1134,23 +1213,26 @@ Tensor batch_norm_eval(const Tensor& input, const Tensor& running_mean, const Te
   if (x.numel() == 0) {
     return output;
   }
-  const std::vector<double> mean_values = read_channels(running_mean, layout.channels, 0.0);
-  const std::vector<double> var_values = read_channels(running_var, layout.channels, 1.0);
-  const std::vector<double> weight_values = read_channels(weight, layout.channels, 1.0);
-  const std::vector<double> bias_values = read_channels(bias, layout.channels, 0.0);
-  const double* mu = mean_values.data();
-  const double* var = var_values.data();
-  const double* w = weight_values.data();
-  const double* b = bias_values.data();
+  const ChannelValues mean_values(running_mean, 0.0);
+  const ChannelValues var_values(running_var, 1.0);
+  const ChannelValues weight_values(weight, 1.0);
+  const ChannelValues bias_values(bias, 0.0);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_eval", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const bool in_memory_order = planes_in_memory_order(layout, OpVec<scalar_t>::size());
     const bool stream = streams(output, layout, in_memory_order);
     ChannelAffines<opmath_t> affines(layout.channels);
-    for (int64_t c = 0; c < layout.channels; ++c) {
-      affines.set(c, normalize_affine<opmath_t>(mu[c], inverse_std(var[c], eps), w[c], b[c]));
-    }
+    for_channel_blocks(layout.channels, [&](int64_t c0, int64_t n) {
+      double mu[kParamBlock], var[kParamBlock], w[kParamBlock], b[kParamBlock];
+      mean_values.read(c0, n, mu);
+      var_values.read(c0, n, var);
+      weight_values.read(c0, n, w);
+      bias_values.read(c0, n, b);
+      for (int64_t j = 0; j < n; ++j) {
+        affines.set(c0 + j, normalize_affine<opmath_t>(mu[j], inverse_std(var[j], eps), w[j], b[j]));
+      }
+    });
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     scalar_t* y_data = output.mutable_data_ptr<scalar_t>();
     if (layout.rows) {
@@ -1331,20 +1413,28 @@ void update_running_stats(Tensor& running_mean, Tensor& running_var, const std::
   if (count == 0) {
     return;  // an empty batch has no statistics; nn.BatchNorm leaves the running stats as they were
   }
-  const int64_t channels = save_mean.numel();
-  const std::vector<double> batch_mean = read_channels(save_mean, channels, 0.0);
-  const std::vector<double> batch_invstd = read_channels(save_invstd, channels, 1.0);
-  std::vector<double> new_mean = read_channels(running_mean, channels, 0.0);
-  std::vector<double> new_var = read_channels(running_var, channels, 1.0);
+  const ChannelValues batch_mean(save_mean, 0.0);
+  const ChannelValues batch_invstd(save_invstd, 1.0);
+  const ChannelValues mean_values(running_mean, 0.0);
+  const ChannelValues var_values(running_var, 1.0);
   const double unbiased = static_cast<double>(count) / static_cast<double>(count - 1);
-  for (int64_t c = 0; c < channels; ++c) {
-    // The biased variance behind invstd, in float64; never negative after rounding.
-    const double biased_var = std::max(0.0, 1.0 / (batch_invstd[c] * batch_invstd[c]) - eps);
-    new_mean[c] = running_average(new_mean[c], batch_mean[c], factor);
-    new_var[c] = running_average(new_var[c], biased_var * unbiased, factor);
-  }
-  write_channels(running_mean, new_mean);
-  write_channels(running_var, new_var);
+  for_channel_blocks(save_mean.numel(), [&](int64_t c0, int64_t n) {
+    double mean[kParamBlock], invstd[kParamBlock], new_mean[kParamBlock], new_var[kParamBlock];
+    batch_mean.read(c0, n, mean);
+    batch_invstd.read(c0, n, invstd);
+    mean_values.read(c0, n, new_mean);
+    var_values.read(c0, n, new_var);
+    for (int64_t j = 0; j < n; ++j) {
+      // The biased variance behind invstd, in float64; never negative after rounding.
+      const double biased_var = std::max(0.0, 1.0 / (invstd[j] * invstd[j]) - eps);
+      new_mean[j] = running_average(new_mean[j], mean[j], factor);
+      new_var[j] = running_average(new_var[j], biased_var * unbiased, factor);
+    }
+    mean_values.write(c0, n, new_mean);
+    var_values.write(c0, n, new_var);
+  });
+  mean_values.commit();
+  var_values.commit();
 }
 
 }  // namespace
