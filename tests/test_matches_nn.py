@@ -95,6 +95,8 @@ LARGE_SHAPES = {
     "many_rows": (64, 3, 40, 40),
     "long_runs": (3, 2, 9000),
     "wide_rows": (40, 1100, 3),
+    # few rows of many channels: per-channel work in blocks, across several channel blocks
+    "wide_few_rows": (6, 5000),
     # outputs of 1.5 MB and more are streamed: whole when their runs fill whole lines
     # (aligned), all but each plane's head and tail for long unaligned planes (1023 values), not at
     # all for short unaligned ones (7x7 below).
