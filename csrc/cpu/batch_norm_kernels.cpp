@@ -176,21 +176,6 @@ class ChannelValues {
   int64_t stride_ = 1;
 };
 
-// Writes float64 per-channel values into `t`, in place, in its own dtype.
-void write_channels(const Tensor& t, const std::vector<double>& values) {
-  Tensor run = channel_run(t);
-  const int64_t stride = channel_stride(run);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, run.scalar_type(), "bnext_write_channels", [&] {
-    scalar_t* data = run.mutable_data_ptr<scalar_t>();
-    for (size_t c = 0; c < values.size(); ++c) {
-      data[c * stride] = static_cast<scalar_t>(values[c]);
-    }
-  });
-  if (!run.is_same(t)) {
-    t.copy_(run);
-  }
-}
-
 template <typename scalar_t>
 using OpVec = at::vec::Vectorized<at::opmath_type<scalar_t>>;
 
@@ -1087,14 +1072,16 @@ void rows_moments(const scalar_t* x, const Layout& layout, const Finish& finish)
   });
 }
 
-// sum(dy) and sum(dy * (x - mean)) of every channel of a rows tensor, by fixed tasks.
+// sum(dy) and sum(dy * (x - mean)) of every channel of a rows tensor, by fixed tasks, into sum_dy
+// and sum_dy_xmu (zero on entry). Several parts are summed apart, then added in order.
 template <typename opmath_t, typename acc_t, typename scalar_t>
-std::pair<std::vector<acc_t>, std::vector<acc_t>> rows_grad_sums(const scalar_t* dy, const scalar_t* x,
-                                                                 const Layout& layout, const opmath_t* mean) {
+void rows_grad_sums(const scalar_t* dy, const scalar_t* x, const Layout& layout, const opmath_t* mean, acc_t* sum_dy,
+                    acc_t* sum_dy_xmu) {
   const int64_t channels = layout.channels;
   const RowPartition partition(layout);
-  std::vector<acc_t> part_dy(partition.num_parts * channels, acc_t(0));
-  std::vector<acc_t> part_dy_xmu(partition.num_parts * channels, acc_t(0));
+  const bool one_part = partition.num_parts == 1;
+  std::vector<acc_t> part_dy(one_part ? 0 : partition.num_parts * channels, acc_t(0));
+  std::vector<acc_t> part_dy_xmu(one_part ? 0 : partition.num_parts * channels, acc_t(0));
   at::parallel_for(0, partition.num_tasks(), 1, [&](int64_t task_begin, int64_t task_end) {
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t part = partition.part(task);
@@ -1104,14 +1091,16 @@ std::pair<std::vector<acc_t>, std::vector<acc_t>> rows_grad_sums(const scalar_t*
       const opmath_t* block_mean = mean + c0;
       const scalar_t* dy_block = dy + c0;
       const scalar_t* x_block = x + c0;
+      const int64_t offset = one_part ? c0 : part * channels + c0;
       add_rows<scalar_t>(partition.row_begin(part), partition.row_begin(part + 1), width,
-                         part_dy.data() + part * channels + c0, part_dy_xmu.data() + part * channels + c0,
-                         [&](int64_t r, int64_t j, auto& sum_dy, auto& sum_dy_xmu) {
-                           using T = std::decay_t<decltype(sum_dy)>;
-                           const int64_t offset = r * channels + j;
-                           const T g = load_as<T>(dy_block + offset);
-                           sum_dy = sum_dy + g;
-                           sum_dy_xmu = sum_dy_xmu + g * (load_as<T>(x_block + offset) - load_as<T>(block_mean + j));
+                         (one_part ? sum_dy : part_dy.data()) + offset,
+                         (one_part ? sum_dy_xmu : part_dy_xmu.data()) + offset,
+                         [&](int64_t r, int64_t j, auto& s_dy, auto& s_dy_xmu) {
+                           using T = std::decay_t<decltype(s_dy)>;
+                           const int64_t i = r * channels + j;
+                           const T g = load_as<T>(dy_block + i);
+                           s_dy = s_dy + g;
+                           s_dy_xmu = s_dy_xmu + g * (load_as<T>(x_block + i) - load_as<T>(block_mean + j));
                          },
                          [&](int64_t r, int64_t j, int64_t count) {
                            prefetch_values(dy_block + r * channels + j, count);
@@ -1119,15 +1108,17 @@ std::pair<std::vector<acc_t>, std::vector<acc_t>> rows_grad_sums(const scalar_t*
                          });
     }
   });
-  std::vector<acc_t> sum_dy(channels, acc_t(0));
-  std::vector<acc_t> sum_dy_xmu(channels, acc_t(0));
-  for (int64_t part = 0; part < partition.num_parts; ++part) {
-    for (int64_t c = 0; c < channels; ++c) {
-      sum_dy[c] += part_dy[part * channels + c];
-      sum_dy_xmu[c] += part_dy_xmu[part * channels + c];
-    }
+  if (one_part) {
+    return;
   }
-  return {std::move(sum_dy), std::move(sum_dy_xmu)};
+  for_channel_blocks(channels, [&](int64_t c0, int64_t n) {
+    for (int64_t part = 0; part < partition.num_parts; ++part) {
+      for (int64_t c = c0; c < c0 + n; ++c) {
+        sum_dy[c] += part_dy[part * channels + c];
+        sum_dy_xmu[c] += part_dy_xmu[part * channels + c];
+      }
+    }
+  });
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const std::optional<Tensor>& weight,
@@ -1267,13 +1258,6 @@ Tensor batch_norm_eval(const Tensor& input, const Tensor& running_mean, const Te
   return output;
 }
 
-// A new per-channel tensor of `options` holding float64 values.
-Tensor channel_tensor(const std::vector<double>& values, const at::TensorOptions& options) {
-  Tensor out = at::empty({static_cast<int64_t>(values.size())}, options);
-  write_channels(out, values);
-  return out;
-}
-
 // Per-channel gradient sums reduced elsewhere (over every process of a SyncBatchNorm) and the
 // number of values per channel they cover.
 struct GivenSums {
@@ -1301,12 +1285,9 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
   std::vector<double> sum_dy = given ? given->sum_dy : std::vector<double>(channels, 0.0);
   std::vector<double> sum_dy_xmu = given ? given->sum_dy_xmu : std::vector<double>(channels, 0.0);
   const double count = given ? given->count : static_cast<double>(layout.num_rows);
-  const std::vector<double> weight_values = read_channels(weight, channels, 1.0);
-  const std::vector<double> mean_values = read_channels(mean, channels, 0.0);
-  const std::vector<double> invstd_values = read_channels(invstd, channels, 1.0);
-  const double* w = weight_values.data();
-  const double* mu = mean_values.data();
-  const double* is = invstd_values.data();
+  const ChannelValues weight_values(weight, 1.0);
+  const ChannelValues mean_values(mean, 0.0);
+  const ChannelValues invstd_values(invstd, 1.0);
 
   if (x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_backward", [&] {
@@ -1315,66 +1296,76 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
       const scalar_t* x_data = x.const_data_ptr<scalar_t>();
       const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
       scalar_t* dx_data = output_mask[0] ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
-      std::vector<opmath_t> mean_op(channels);
-      for (int64_t c = 0; c < channels; ++c) {
-        mean_op[c] = static_cast<opmath_t>(mu[c]);
-      }
-      const auto gradient = [&](int64_t c) {
+      // The input gradient's coefficients of channel c, from its invstd and weight.
+      const auto gradient = [&](int64_t c, double invstd_c, double weight_c) {
         const InputGradient<double> g =
-            input_gradient(is[c], w[c], sum_dy[c], sum_dy_xmu[c], count, training);
+            input_gradient(invstd_c, weight_c, sum_dy[c], sum_dy_xmu[c], count, training);
         return InputGradient<opmath_t>{static_cast<opmath_t>(g.dy_scale), static_cast<opmath_t>(g.xmu_scale),
                                        static_cast<opmath_t>(g.shift)};
       };
       if (!layout.rows) {
         parallel_for_output(0, channels, 1, stream, [&](int64_t c_begin, int64_t c_end) {
           for (int64_t c = c_begin; c < c_end; ++c) {
+            double mean_c, invstd_c, weight_c;
+            mean_values.read(c, 1, &mean_c);
+            invstd_values.read(c, 1, &invstd_c);
+            weight_values.read(c, 1, &weight_c);
+            const auto mean_op = static_cast<opmath_t>(mean_c);
             if (need_sums) {
-              std::tie(sum_dy[c], sum_dy_xmu[c]) =
-                  planar_channel_grad_sums(dy_data, x_data, layout, c, mean_op[c]);
+              std::tie(sum_dy[c], sum_dy_xmu[c]) = planar_channel_grad_sums(dy_data, x_data, layout, c, mean_op);
             }
             if (!output_mask[0]) {
               continue;
             }
-            const InputGradient<opmath_t> g = gradient(c);
+            const InputGradient<opmath_t> g = gradient(c, invstd_c, weight_c);
             if (!training) {
               normalize_channel(dy_data, dx_data, layout, c, Affine<opmath_t>{0, g.dy_scale, 0}, stream);
               continue;
             }
             for (int64_t n = 0; n < layout.batch; ++n) {
               const int64_t offset = (n * channels + c) * layout.inner;
-              input_grad_run(dy_data + offset, x_data + offset, dx_data + offset, layout.inner, mean_op[c], g, stream);
+              input_grad_run(dy_data + offset, x_data + offset, dx_data + offset, layout.inner, mean_op, g, stream);
             }
           }
         });
         return;
       }
+      std::vector<opmath_t> mean_op(channels);
+      for_channel_blocks(channels, [&](int64_t c0, int64_t n) {
+        double values[kParamBlock];
+        mean_values.read(c0, n, values);
+        std::copy(values, values + n, mean_op.data() + c0);
+      });
       if (need_sums) {
-        const auto [dy_sums, dy_xmu_sums] = rows_grad_sums<opmath_t, acc_t>(dy_data, x_data, layout, mean_op.data());
-        std::copy(dy_sums.begin(), dy_sums.end(), sum_dy.begin());
-        std::copy(dy_xmu_sums.begin(), dy_xmu_sums.end(), sum_dy_xmu.begin());
+        rows_grad_sums<opmath_t, acc_t>(dy_data, x_data, layout, mean_op.data(), sum_dy.data(), sum_dy_xmu.data());
       }
       if (!output_mask[0]) {
         return;
       }
       const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, channels));
+      std::vector<opmath_t> dy_scale(channels);
+      std::vector<opmath_t> xmu_scale(channels);
+      std::vector<opmath_t> shift(channels);
+      for_channel_blocks(channels, [&](int64_t c0, int64_t n) {
+        double invstd_block[kParamBlock], weight_block[kParamBlock];
+        invstd_values.read(c0, n, invstd_block);
+        weight_values.read(c0, n, weight_block);
+        for (int64_t j = 0; j < n; ++j) {
+          const InputGradient<opmath_t> g = gradient(c0 + j, invstd_block[j], weight_block[j]);
+          dy_scale[c0 + j] = g.dy_scale;
+          xmu_scale[c0 + j] = g.xmu_scale;
+          shift[c0 + j] = g.shift;
+        }
+      });
       if (!training) {
         ChannelAffines<opmath_t> dy_affines(channels);
         for (int64_t c = 0; c < channels; ++c) {
-          dy_affines.set(c, Affine<opmath_t>{0, gradient(c).dy_scale, 0});
+          dy_affines.set(c, Affine<opmath_t>{0, dy_scale[c], 0});
         }
         parallel_for_output(0, layout.num_rows, grain, stream, [&](int64_t begin, int64_t end) {
           normalize_rows(dy_data, dx_data, channels, begin, end, dy_affines, stream);
         });
         return;
-      }
-      std::vector<opmath_t> dy_scale(channels);
-      std::vector<opmath_t> xmu_scale(channels);
-      std::vector<opmath_t> shift(channels);
-      for (int64_t c = 0; c < channels; ++c) {
-        const InputGradient<opmath_t> g = gradient(c);
-        dy_scale[c] = g.dy_scale;
-        xmu_scale[c] = g.xmu_scale;
-        shift[c] = g.shift;
       }
       const RowGradients<opmath_t> g{mean_op.data(), dy_scale.data(), xmu_scale.data(), shift.data()};
       parallel_for_output(0, layout.num_rows, grain, stream, [&](int64_t begin, int64_t end) {
@@ -1389,15 +1380,25 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
     });
   }
 
-  Tensor grad_weight = skipped(param_options);
-  if (output_mask[1]) {
-    std::vector<double> values(channels);
-    for (int64_t c = 0; c < channels; ++c) {
-      values[c] = sum_dy_xmu[c] * is[c];
-    }
-    grad_weight = channel_tensor(values, param_options);
+  Tensor grad_weight = output_mask[1] ? at::empty({channels}, param_options) : skipped(param_options);
+  Tensor grad_bias = output_mask[2] ? at::empty({channels}, param_options) : skipped(param_options);
+  if (output_mask[1] || output_mask[2]) {
+    const ChannelValues weight_out(grad_weight, 0.0);
+    const ChannelValues bias_out(grad_bias, 0.0);
+    for_channel_blocks(channels, [&](int64_t c0, int64_t n) {
+      if (output_mask[1]) {
+        double values[kParamBlock];
+        invstd_values.read(c0, n, values);
+        for (int64_t j = 0; j < n; ++j) {
+          values[j] *= sum_dy_xmu[c0 + j];
+        }
+        weight_out.write(c0, n, values);
+      }
+      if (output_mask[2]) {
+        bias_out.write(c0, n, sum_dy.data() + c0);
+      }
+    });
   }
-  Tensor grad_bias = output_mask[2] ? channel_tensor(sum_dy, param_options) : skipped(param_options);
   return {grad_input, grad_weight, grad_bias};
 }
 
