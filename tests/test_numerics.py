@@ -147,6 +147,7 @@ def test_large_mean_is_at_least_as_accurate_as_torch(device, layout):
         ((16, 8, 30, 30), "channels_last"),
         ((70000, 5), "contiguous"),
         ((6, 5000), "contiguous"),
+        ((64, 8192), "contiguous"),
         ((3, 2, 9000), "contiguous"),
         ((4, 6, 5, 20, 20), "channels_last"),
     ],
