@@ -176,6 +176,19 @@ class ChannelValues {
   int64_t stride_ = 1;
 };
 
+// Every value of `values` (channels), converted to T: for loops over channels that read them
+// one by one (a read per channel dispatches on the dtype).
+template <typename T>
+std::vector<T> all_channels(const ChannelValues& values, int64_t channels) {
+  std::vector<T> out(channels);
+  for_channel_blocks(channels, [&](int64_t c0, int64_t n) {
+    double block[kParamBlock];
+    values.read(c0, n, block);
+    std::copy(block, block + n, out.data() + c0);
+  });
+  return out;
+}
+
 template <typename scalar_t>
 using OpVec = at::vec::Vectorized<at::opmath_type<scalar_t>>;
 
@@ -1171,17 +1184,16 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
     opmath_t* invstd_data = save_invstd.mutable_data_ptr<opmath_t>();
     if (!layout.rows) {
       // Channel by channel: the normalize pass re-reads the channel while the statistics pass left it in cache.
+      const std::vector<double> w = all_channels<double>(weight_values, layout.channels);
+      const std::vector<double> b = all_channels<double>(bias_values, layout.channels);
       parallel_for_output(0, layout.channels, 1, stream, [&](int64_t c_begin, int64_t c_end) {
         for (int64_t c = c_begin; c < c_end; ++c) {
-          double w, b;
-          weight_values.read(c, 1, &w);
-          bias_values.read(c, 1, &b);
           const auto moments = planar_channel_moments(x_data, layout, c);
           const double mean = moments.mean;
           const double invstd = inverse_std(double(moments.m2) / double(moments.count), eps);
           mean_data[c] = static_cast<opmath_t>(mean);
           invstd_data[c] = static_cast<opmath_t>(invstd);
-          normalize_channel(x_data, y_data, layout, c, normalize_affine<opmath_t>(mean, invstd, w, b), stream);
+          normalize_channel(x_data, y_data, layout, c, normalize_affine<opmath_t>(mean, invstd, w[c], b[c]), stream);
         }
       });
       return;
@@ -1338,38 +1350,31 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
                                        static_cast<opmath_t>(g.shift)};
       };
       if (!layout.rows) {
+        const std::vector<opmath_t> mean_op = all_channels<opmath_t>(mean_values, channels);
+        const std::vector<double> invstd_c = all_channels<double>(invstd_values, channels);
+        const std::vector<double> weight_c = all_channels<double>(weight_values, channels);
         parallel_for_output(0, channels, 1, stream, [&](int64_t c_begin, int64_t c_end) {
           for (int64_t c = c_begin; c < c_end; ++c) {
-            double mean_c, invstd_c, weight_c;
-            mean_values.read(c, 1, &mean_c);
-            invstd_values.read(c, 1, &invstd_c);
-            weight_values.read(c, 1, &weight_c);
-            const auto mean_op = static_cast<opmath_t>(mean_c);
             if (need_sums) {
-              std::tie(sum_dy[c], sum_dy_xmu[c]) = planar_channel_grad_sums(dy_data, x_data, layout, c, mean_op);
+              std::tie(sum_dy[c], sum_dy_xmu[c]) = planar_channel_grad_sums(dy_data, x_data, layout, c, mean_op[c]);
             }
             if (!output_mask[0]) {
               continue;
             }
-            const InputGradient<opmath_t> g = gradient(c, invstd_c, weight_c);
+            const InputGradient<opmath_t> g = gradient(c, invstd_c[c], weight_c[c]);
             if (!training) {
               normalize_channel(dy_data, dx_data, layout, c, Affine<opmath_t>{0, g.dy_scale, 0}, stream);
               continue;
             }
             for (int64_t n = 0; n < layout.batch; ++n) {
               const int64_t offset = (n * channels + c) * layout.inner;
-              input_grad_run(dy_data + offset, x_data + offset, dx_data + offset, layout.inner, mean_op, g, stream);
+              input_grad_run(dy_data + offset, x_data + offset, dx_data + offset, layout.inner, mean_op[c], g, stream);
             }
           }
         });
         return;
       }
-      std::vector<opmath_t> mean_op(channels);
-      for_channel_blocks(channels, [&](int64_t c0, int64_t n) {
-        double values[kParamBlock];
-        mean_values.read(c0, n, values);
-        std::copy(values, values + n, mean_op.data() + c0);
-      });
+      const std::vector<opmath_t> mean_op = all_channels<opmath_t>(mean_values, channels);
       std::vector<opmath_t> dy_scale(output_mask[0] ? channels : 0);
       std::vector<opmath_t> xmu_scale(output_mask[0] ? channels : 0);
       std::vector<opmath_t> shift(output_mask[0] ? channels : 0);
