@@ -99,6 +99,8 @@ LARGE_SHAPES = {
     "wide_few_rows": (6, 5000),
     # fewer than 128 rows, whose tasks normalize (and back-propagate) their own channels, streamed
     "wide_few_rows_streamed": (64, 8192),
+    # rows wider than one block of coefficients (2048 channels), walked block by block
+    "wide_rows_blocked": (130, 4100),
     # outputs of 1.5 MB and more are streamed: whole when their runs fill whole lines
     # (aligned), all but each plane's head and tail for long unaligned planes (1023 values), not at
     # all for short unaligned ones (7x7 below).
