@@ -566,6 +566,7 @@ def metadata(args, plan):
         "dtypes": args.dtype,
         "cases": args.cases,
         "quick": args.quick,
+        "shapes": [list(shape) for shape in shapes_for(args)],
         "malloc_keeps_freed_memory": args.malloc_keeps_freed_memory,
         "timing": asdict(plan),
         "definitions": TABLE_HEADER,
@@ -687,6 +688,22 @@ def comma_list(choices):
     return parse
 
 
+def shape_list(text):
+    """'8x8192,64x8192' -> [(8, 8192), (64, 8192)]: shapes (N, C, *) of rank 2 and up."""
+    shapes = []
+    for item in text.split(","):
+        try:
+            shape = tuple(int(size) for size in item.strip().lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a shape: {item!r} (expected sizes joined by x, e.g. 8x64x56x56)")
+        if len(shape) < 2 or min(shape) < 1 or math.prod(shape) == shape[1]:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: expected (N, C, *), every size at least 1, more than one value per channel"
+            )
+        shapes.append(shape)
+    return shapes
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bnext.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="representative subset, fewer repetitions (< 1 min)")
@@ -700,6 +717,9 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", type=comma_list(list(DTYPES)), default=["float32"], help="float32,bfloat16")
     parser.add_argument(
         "--cases", type=comma_list(list(CASES)), default=list(CASES), help=f"subset of {','.join(CASES)}"
+    )
+    parser.add_argument(
+        "--shapes", type=shape_list, help="shapes to time instead of the default set, e.g. 8x8192,64x8192"
     )
     parser.add_argument(
         "--repeat", type=int, help="timed repetitions per case (default: adaptive, about 1 s per case, 0.25 s --quick)"
@@ -731,6 +751,8 @@ def plot_title(args):
 
 
 def shapes_for(args):
+    if args.shapes:
+        return args.shapes
     if args.device == "cuda":
         return GPU_QUICK_SHAPES if args.quick else GPU_SHAPES
     return QUICK_SHAPES if args.quick else ALL_SHAPES
