@@ -913,8 +913,9 @@ void normalize_all_rows(const scalar_t* x, scalar_t* y, const Layout& layout, co
 
 // Fixed partition of a rows tensor into tasks: parts of rows times blocks of channels, so that
 // a few rows of many channels still make several tasks. A single part (fewer than 2 *
-// kMinPartRows rows) has blocks of about kMinPartValues values (a multiple of kParamBlock channels,
-// at most kChannelBlock): (64, 1024) makes 4 tasks rather than 1.
+// kMinPartRows rows, or fewer than 2 * kMinPartValues values) has blocks of about kMinPartValues
+// values (a multiple of kParamBlock channels, at most kChannelBlock): (64, 1024) makes 4 tasks
+// rather than 1.
 struct RowPartition {
   int64_t num_rows;
   int64_t channels;
@@ -1040,10 +1041,10 @@ void rows_shifts(const scalar_t* x, const Layout& layout, int64_t c0, int64_t wi
 
 // Moments of every channel of a rows tensor: each task sums shifted by a value near the channel's
 // mean (rows_shifts), then the parts are merged in order, and finish(c0, n, moments) runs for each
-// block of n channels from c0 (at most kParamBlock) with their moments. With a single part (fewer
-// than 2 * kMinPartRows rows) there is nothing to merge: each task finishes its own channels, and
-// no per-part moments are stored ((2, 65536) training forward 470 -> 309 us).
-// `stream`: finish writes with streaming stores (each task fences them).
+// block of n channels from c0 (at most kParamBlock) with their moments. With a single part
+// (RowPartition) there is nothing to merge: each task finishes its own channels, and no per-part
+// moments are stored ((2, 65536) training forward 470 -> 309 us). `stream`: finish writes with
+// streaming stores (each task fences them).
 template <typename opmath_t, typename acc_t, typename scalar_t, typename Finish>
 void rows_moments(const scalar_t* x, const Layout& layout, bool stream, const Finish& finish) {
   const int64_t channels = layout.channels;
