@@ -75,28 +75,6 @@ int64_t channel_stride(const Tensor& run) {
   return run.dim() == 1 ? run.stride(0) : 1;
 }
 
-// The C values of a per-channel tensor as float64; `fill` where the tensor is absent.
-std::vector<double> read_channels(const std::optional<Tensor>& t, int64_t channels, double fill) {
-  if (!is_given(t)) {
-    return std::vector<double>(channels, fill);
-  }
-  const Tensor run = channel_run(*t);
-  const int64_t stride = channel_stride(run);
-  std::vector<double> values;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, run.scalar_type(), "bnext_read_channels", [&] {
-    const scalar_t* data = run.const_data_ptr<scalar_t>();
-    if (stride == 1) {  // the usual case: one converting pass, no fill first
-      values.assign(data, data + channels);
-      return;
-    }
-    values.resize(channels);
-    for (int64_t c = 0; c < channels; ++c) {
-      values[c] = static_cast<double>(data[c * stride]);
-    }
-  });
-  return values;
-}
-
 // Channels per block of the per-channel loops (for_channel_blocks): a block's float64 values stay
 // in L1. Wide inputs with few rows have more per-channel values than data: arrays of float64 per
 // tensor cost (2, 65536) more than its kernels.
@@ -1472,8 +1450,8 @@ Tensor batch_norm_backward_elemt(const Tensor& grad_output, const Tensor& input,
                                  const Tensor& sum_dy_xmu, const Tensor& count) {
   check_backward_elemt_args(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count);
   const int64_t channels = input.size(1);
-  const GivenSums given{read_channels(sum_dy, channels, 0.0), read_channels(sum_dy_xmu, channels, 0.0),
-                        count.item<double>()};
+  const GivenSums given{all_channels<double>(ChannelValues(sum_dy, 0.0), channels),
+                        all_channels<double>(ChannelValues(sum_dy_xmu, 0.0), channels), count.item<double>()};
   return std::get<0>(backward(grad_output, input, weight, mean, invstd, true, {true, false, false}, &given));
 }
 
