@@ -103,7 +103,8 @@ LARGE_SHAPES = {
     "wide_rows_blocked": (130, 4100),
     # outputs of 1.5 MB and more are streamed: whole when their runs fill whole lines
     # (aligned), all but each plane's head and tail for long unaligned planes (1023 values), not at
-    # all for short unaligned ones (7x7 below).
+    # all for short unaligned ones (7x7 below) in training and backward; eval walks short planes in
+    # memory order and streams them whole.
     "streamed_aligned": (16, 64, 32, 33),
     "streamed_unaligned": (8, 130, 31, 33),
     "unstreamed_short_planes": (24, 1000, 7, 7),
