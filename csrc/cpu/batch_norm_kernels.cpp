@@ -1031,22 +1031,38 @@ void rows_moments(const scalar_t* x, const Layout& layout, bool stream, const Fi
   const int64_t channels = layout.channels;
   const RowPartition partition(layout);
   const bool one_part = partition.num_parts == 1;
-  // Per part: the sums of its channels, then the sums of their squares.
+  // Several parts: every channel's shift, computed once rather than by each part (that took 15%
+  // of 8x256x14x14 channels_last statistics on 2 threads); per part, the sums of its channels,
+  // then the sums of their squares.
+  std::vector<opmath_t> shifts(one_part ? 0 : channels);
   std::vector<acc_t> part_sums(one_part ? 0 : 2 * partition.num_parts * channels);
+  if (!one_part) {
+    for_channel_blocks(channels, [&](int64_t c0, int64_t n) {
+      rows_shifts<opmath_t, acc_t>(x, layout, c0, n, shifts.data() + c0);
+    });
+  }
   parallel_for_output(0, partition.num_tasks(), 1, stream, [&](int64_t task_begin, int64_t task_end) {
-    acc_t sum[kChannelBlock];
-    acc_t sum_sq[kChannelBlock];
-    opmath_t shift[kChannelBlock];
+    acc_t own_sum[kChannelBlock];
+    acc_t own_sum_sq[kChannelBlock];
+    opmath_t own_shift[kChannelBlock];
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t part = partition.part(task);
       const int64_t r0 = partition.row_begin(part);
       const int64_t r1 = partition.row_begin(part + 1);
       const int64_t c0 = partition.channel_begin(task);
-      const int64_t c1 = partition.channel_end(task);
-      const int64_t width = c1 - c0;
-      rows_shifts<opmath_t, acc_t>(x, layout, c0, width, shift);
-      std::fill(sum, sum + width, acc_t(0));
-      std::fill(sum_sq, sum_sq + width, acc_t(0));
+      const int64_t width = partition.channel_end(task) - c0;
+      const opmath_t* shift = own_shift;
+      acc_t* sum = own_sum;
+      acc_t* sum_sq = own_sum_sq;
+      if (one_part) {
+        rows_shifts<opmath_t, acc_t>(x, layout, c0, width, own_shift);
+        std::fill(sum, sum + width, acc_t(0));
+        std::fill(sum_sq, sum_sq + width, acc_t(0));
+      } else {
+        shift = shifts.data() + c0;
+        sum = part_sums.data() + 2 * part * channels + c0;
+        sum_sq = sum + channels;
+      }
       const scalar_t* block = x + c0;
       add_rows<scalar_t>(
           r0, r1, width, sum, sum_sq,
@@ -1057,20 +1073,17 @@ void rows_moments(const scalar_t* x, const Layout& layout, bool stream, const Fi
             s2 = s2 + d * d;
           },
           [&](int64_t r, int64_t j, int64_t count) { prefetch_values(block + r * channels + j, count); });
-      if (one_part) {
-        for (int64_t j0 = 0; j0 < width; j0 += kParamBlock) {
-          const int64_t n = std::min(kParamBlock, width - j0);
-          Moments<acc_t> moments[kParamBlock];
-          for (int64_t j = j0; j < j0 + n; ++j) {
-            moments[j - j0] = moments_from_shifted_sums<acc_t>(static_cast<acc_t>(r1 - r0), shift[j], sum[j], sum_sq[j]);
-          }
-          finish(c0 + j0, n, moments);
-        }
+      if (!one_part) {
         continue;
       }
-      acc_t* sums = part_sums.data() + 2 * part * channels;
-      std::copy(sum, sum + width, sums + c0);
-      std::copy(sum_sq, sum_sq + width, sums + channels + c0);
+      for (int64_t j0 = 0; j0 < width; j0 += kParamBlock) {
+        const int64_t n = std::min(kParamBlock, width - j0);
+        Moments<acc_t> moments[kParamBlock];
+        for (int64_t j = j0; j < j0 + n; ++j) {
+          moments[j - j0] = moments_from_shifted_sums<acc_t>(static_cast<acc_t>(r1 - r0), shift[j], sum[j], sum_sq[j]);
+        }
+        finish(c0 + j0, n, moments);
+      }
     }
   });
   if (one_part) {
@@ -1086,11 +1099,10 @@ void rows_moments(const scalar_t* x, const Layout& layout, bool stream, const Fi
         sum_sq[j] += sums[channels + c0 + j];
       }
     }
-    opmath_t shift[kParamBlock];
-    rows_shifts<opmath_t, acc_t>(x, layout, c0, n, shift);
     Moments<acc_t> moments[kParamBlock];
     for (int64_t j = 0; j < n; ++j) {
-      moments[j] = moments_from_shifted_sums<acc_t>(static_cast<acc_t>(layout.num_rows), shift[j], sum[j], sum_sq[j]);
+      moments[j] = moments_from_shifted_sums<acc_t>(static_cast<acc_t>(layout.num_rows), shifts[c0 + j], sum[j],
+                                                    sum_sq[j]);
     }
     finish(c0, n, moments);
   });
