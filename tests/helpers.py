@@ -1,4 +1,6 @@
 """Shared test helpers: the torch reference twins and tolerances."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -21,6 +23,20 @@ TOLERANCES = {
     torch.bfloat16: (2e-2, 2e-2),
     torch.float16: (4e-3, 4e-3),
 }
+
+
+@contextlib.contextmanager
+def torch_threads(count):
+    """torch's CPU thread count is `count` inside the block.
+
+    CPU eval streams an output of 1.5 MB or more only where it and its input exceed the threads'
+    L2 caches (2 MB each): on one thread, the tests' 2 MB outputs stream on any machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def assert_close(actual, expected, dtype, scale=1.0, msg=""):
