@@ -140,6 +140,38 @@ def test_large_mean_is_at_least_as_accurate_as_torch(device, layout):
         )
 
 
+@pytest.mark.parametrize(
+    "shape,layout",
+    [
+        ((64, 4, 32, 32), "contiguous"),  # planar
+        ((64, 4, 32, 32), "channels_last"),  # rows, several parts
+        ((100, 300), "contiguous"),  # rows, one part (fewer than 128 rows)
+        ((8, 4, 300), "contiguous"),  # planar, rank 3
+    ],
+)
+@pytest.mark.parametrize("outlier", [1e2, 1e4])
+def test_statistics_stay_exact_when_the_first_values_are_outliers(shape, layout, outlier):
+    """CPU sums are shifted by the mean of each channel's first values; where those lie far from
+    the channel's mean, the sums are redone around it. Against float64 math on the same float32
+    values, the output stays within 1e-6 of its largest value (2e-7 here; without the redo, an
+    outlier of 1e4 left NCHW output 5e-5 off) and the running statistics within float32 rounding."""
+    x = make_input(shape, torch.float64, layout) + 5
+    first_values = x.movedim(1, -1).reshape(-1, shape[1]) if layout == "channels_last" or len(shape) == 2 else None
+    if first_values is not None:  # a view on x: its first rows are x's first values in memory
+        first_values[:4] += outlier
+    else:
+        x.view(shape[0], shape[1], -1)[0, :, :4] += outlier
+    x = x.float()
+    exact_mean, exact_var = torch.zeros(shape[1], dtype=torch.float64), torch.ones(shape[1], dtype=torch.float64)
+    exact = F.batch_norm(x.double(), exact_mean, exact_var, training=True, momentum=1.0)
+    running_mean, running_var = torch.zeros(shape[1]), torch.ones(shape[1])
+    y = bnext.batch_norm(x, running_mean, running_var, training=True, momentum=1.0)
+    scale = exact.abs().max().item()
+    assert (y.double() - exact).abs().max().item() <= 1e-6 * scale
+    torch.testing.assert_close(running_mean.double(), exact_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(running_var.double(), exact_var, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "shape,layout",
