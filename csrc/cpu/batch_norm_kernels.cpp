@@ -462,10 +462,13 @@ at::opmath_type<scalar_t> shift_of(const scalar_t* values, int64_t count) {
 // (their first values were outliers) lose too much to cancellation: their squares are then mostly
 // the shift's offset, which the compute type's lanes round. Sums around the mean are redone.
 // Normal data has its first kShiftValues values' mean that far off in 6 channels in 100000.
+// sum^2 / count^2 is the squared offset, sum_sq / count the squared offset plus the variance: an
+// offset of 2 standard deviations is 0.8 of their sum.
+constexpr double kMaxOffsetShare = 0.8;
+
 template <typename acc_t>
 bool shift_too_far(acc_t count, acc_t sum, acc_t sum_sq) {
-  // sum^2 / count^2 is the squared offset, sum_sq / count the squared offset plus the variance.
-  return sum * sum > acc_t(0.8) * count * sum_sq;
+  return sum * sum > acc_t(kMaxOffsetShare) * count * sum_sq;
 }
 
 // Whether shift_too_far holds for any of `width` channels' sums. In vectors: as a plain loop it
@@ -474,7 +477,7 @@ template <typename acc_t>
 bool any_shift_too_far(acc_t count, int64_t width, const acc_t* sum, const acc_t* sum_sq) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t kSize = Vec::size();
-  const Vec factor(acc_t(0.8) * count);
+  const Vec factor(acc_t(kMaxOffsetShare) * count);
   Vec any(acc_t(0));
   int64_t j = 0;
   for (; j + kSize <= width; j += kSize) {
