@@ -103,13 +103,18 @@ LARGE_SHAPES = {
     "wide_rows_blocked": (130, 4100),
     # outputs of 1.5 MB and more are streamed: whole when their runs fill whole lines
     # (aligned), all but each plane's head and tail for long unaligned planes (1023 values), not at
-    # all for short unaligned ones (7x7 below) in training and backward; eval walks short planes in
-    # memory order and streams them whole.
+    # all for short unaligned ones (7x7 below) in training and backward; eval walks planes under
+    # 256 values in memory order and streams them whole.
     "streamed_aligned": (16, 64, 32, 33),
     "streamed_unaligned": (8, 130, 31, 33),
     "unstreamed_short_planes": (24, 1000, 7, 7),
     # 7x7 planes, each a short stretch of its channel's sums: float lane totals lost accuracy here.
     "short_planes": (12, 1000, 7, 7),
+    # planes shorter than a vector: reduced as N rows of C * inner columns, in one part or in
+    # several, then normalized (and back-propagated) in memory order, streamed from 1.5 MB on
+    "tiny_planes": (64, 256, 2, 2),
+    "tiny_planes_several_parts": (3000, 7, 3),
+    "tiny_planes_streamed": (1024, 64, 3, 3),
 }
 
 
@@ -178,9 +183,10 @@ def test_empty_batch_matches_nn(device, rank):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_nan_stays_in_its_channel(device, layout):
-    x = make_input((4, 3, 5, 5), torch.float32, layout, device=device)
-    x[1, 1, 2, 2] = float("nan")
+@pytest.mark.parametrize("plane", [(5, 5), (2, 2)], ids=["5x5", "2x2"])
+def test_nan_stays_in_its_channel(device, layout, plane):
+    x = make_input((4, 3, *plane), torch.float32, layout, device=device)
+    x[1, 1, 1, 1] = float("nan")
     reference, candidate = module_pair(4, 3, torch.float32, device=device)
     y = candidate(x)
     assert torch.isnan(y[:, 1]).all()

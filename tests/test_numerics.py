@@ -147,6 +147,8 @@ def test_large_mean_is_at_least_as_accurate_as_torch(device, layout):
         ((64, 4, 32, 32), "channels_last"),  # rows, several parts
         ((100, 300), "contiguous"),  # rows, one part (fewer than 128 rows)
         ((8, 4, 300), "contiguous"),  # planar, rank 3
+        ((256, 8, 2, 2), "contiguous"),  # planes shorter than a vector: rows of columns, one part
+        ((3000, 4, 3), "contiguous"),  # the same in several parts
     ],
 )
 @pytest.mark.parametrize("outlier", [1e2, 1e4])
@@ -183,6 +185,8 @@ def test_statistics_stay_exact_when_the_first_values_are_outliers(shape, layout,
         ((64, 8192), "contiguous"),
         ((3, 2, 9000), "contiguous"),
         ((4, 6, 5, 20, 20), "channels_last"),
+        ((300, 6, 3, 3), "contiguous"),
+        ((3000, 5, 3), "contiguous"),
     ],
 )
 def test_results_do_not_depend_on_thread_count(shape, layout, dtype):
@@ -215,12 +219,14 @@ def _bits(t):
 @pytest.mark.parametrize(
     "dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=lambda d: str(d).removeprefix("torch.")
 )
-@pytest.mark.parametrize("plane", [(4, 4), (4, 5), (7, 7), (8, 8), (14, 14), (15, 17)], ids=lambda p: f"{p[0]}x{p[1]}")
+@pytest.mark.parametrize(
+    "plane", [(1, 2), (3, 3), (4, 4), (4, 5), (7, 7), (8, 8), (14, 14), (15, 17)], ids=lambda p: f"{p[0]}x{p[1]}"
+)
 @pytest.mark.parametrize("streamed", [False, True], ids=["small", "streamed"])
 def test_eval_of_short_planes_keeps_each_channel_apart(streamed, plane, dtype):
-    """CPU eval walks contiguous input with planes of 16 to 255 values in memory order, a vector
-    straddling two planes taking each lane's coefficients from its own channel; outputs of 1.5 MB
-    and more are streamed whole (on one thread, here). Each channel's output is, bit for bit, the
+    """CPU eval walks contiguous input with planes under 256 values in memory order, each lane of
+    a vector taking its coefficients from its own plane's channel (vectors straddle two planes,
+    or many); outputs of 1.5 MB and more are streamed whole (on one thread, here). Each channel's output is, bit for bit, the
     output of that channel alone, and all of it matches torch within the dtype's tolerance."""
     channels = 37
     values = (2 << 20) // dtype.itemsize if streamed else 20000  # 2 MB, or 20000 values
