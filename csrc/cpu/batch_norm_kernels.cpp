@@ -1380,8 +1380,8 @@ void short_plane_grad_sums(const scalar_t* dy, const scalar_t* x, const Layout& 
   const int64_t inner = layout.inner;
   const int64_t num_columns = layout.channels * inner;
   std::vector<opmath_t> column_mean(num_columns);
-  for (int64_t j = 0; j < num_columns; ++j) {
-    column_mean[j] = mean[j / inner];
+  for (int64_t c = 0; c < layout.channels; ++c) {
+    std::fill_n(column_mean.data() + c * inner, inner, mean[c]);
   }
   std::vector<acc_t> column_dy(num_columns, acc_t(0));
   std::vector<acc_t> column_dy_xmu(num_columns, acc_t(0));
