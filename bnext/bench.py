@@ -11,7 +11,8 @@ Every configuration (shape, layout, dtype) is first checked against torch: train
 output, running statistics, eval output and the input/weight/bias gradients. Any disagreement
 aborts with a non-zero exit before anything is timed. Then each case is timed with bnext, torch
 and a plain copy of the input (the memory-traffic floor) interleaved in one loop, so that clock
-or thermal drift hits all three alike; medians are reported.
+or thermal drift hits all three alike; each case runs in three rounds, each on freshly allocated
+tensors, and reports the median over rounds of each timer's median.
 """
 import argparse
 import ctypes
@@ -105,18 +106,20 @@ class Config:
 
 @dataclass(frozen=True)
 class TimingPlan:
-    """How many repetitions to run: fixed, or enough to fill `budget_s` per case."""
+    """How many repetitions to run per round: fixed, or enough to fill `budget_s` per case over
+    `rounds` rounds (each on freshly allocated tensors, see time_case)."""
 
     warmup: int
     budget_s: float
     min_repeats: int
     max_repeats: int
     fixed_repeats: int | None = None
+    rounds: int = 1
 
     def repeats_for(self, seconds_per_repetition):
         if self.fixed_repeats is not None:
             return self.fixed_repeats
-        wanted = round(self.budget_s / max(seconds_per_repetition, 1e-9))
+        wanted = round(self.budget_s / self.rounds / max(seconds_per_repetition, 1e-9))
         return min(max(wanted, self.min_repeats), self.max_repeats)
 
 
@@ -384,20 +387,32 @@ def run_interleaved(timers, repetitions):
 
 
 def time_case(config, case, plan):
-    """Median seconds of bnext, torch and the copy for one case, and the repetitions used."""
-    timers = make_timers(config, case)
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # a collection in the middle of a repetition would land on one timer only
-    try:
-        warmup = run_interleaved(timers, plan.warmup)
-        # Two calls per timer per repetition: one untimed, one timed.
-        seconds_per_repetition = 2 * sum(statistics.median(samples) for samples in warmup.values())
-        repeats = plan.repeats_for(seconds_per_repetition)
-        samples = run_interleaved(timers, repeats)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return {name: statistics.median(values) for name, values in samples.items()}, repeats
+    """Seconds of bnext, torch and the copy for one case, and the repetitions used in all.
+
+    Each of plan.rounds rounds allocates its own tensors and takes each timer's median; the
+    result is the median over rounds. Where the tensors land in memory moves a timer's median by
+    up to 40% on this VM (torch's eval of 8x2048x7x7 channels_last on 1 thread: 0.255 or 0.35 ms
+    from one allocation to the next, in one process), which more repetitions of one allocation
+    cannot average out."""
+    round_medians = []
+    total_repeats = 0
+    for _ in range(plan.rounds):
+        timers = make_timers(config, case)
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # a collection in the middle of a repetition would land on one timer only
+        try:
+            warmup = run_interleaved(timers, plan.warmup)
+            # Two calls per timer per repetition: one untimed, one timed.
+            seconds_per_repetition = 2 * sum(statistics.median(samples) for samples in warmup.values())
+            repeats = plan.repeats_for(seconds_per_repetition)
+            samples = run_interleaved(timers, repeats)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+        round_medians.append({name: statistics.median(values) for name, values in samples.items()})
+        total_repeats += repeats
+        del timers  # this round's tensors, before the next round allocates its own
+    return {name: statistics.median(one[name] for one in round_medians) for name in round_medians[0]}, total_repeats
 
 
 def make_result(config, case, medians, repeats):
@@ -722,7 +737,8 @@ def parse_args(argv=None):
         "--shapes", type=shape_list, help="shapes to time instead of the default set, e.g. 8x8192,64x8192"
     )
     parser.add_argument(
-        "--repeat", type=int, help="timed repetitions per case (default: adaptive, about 1 s per case, 0.25 s --quick)"
+        "--repeat", type=int, help="timed repetitions per case and round (default: adaptive, about 1 s per case in 3 rounds; "
+        "0.25 s in one round with --quick)"
     )
     parser.add_argument("--json", metavar="PATH", help="write results and metadata as JSON (e.g. benchmarks/results/)")
     parser.add_argument(
@@ -761,7 +777,7 @@ def shapes_for(args):
 def timing_plan(args):
     if args.quick:
         return TimingPlan(warmup=2, budget_s=0.25, min_repeats=5, max_repeats=100, fixed_repeats=args.repeat)
-    return TimingPlan(warmup=3, budget_s=1.0, min_repeats=15, max_repeats=500, fixed_repeats=args.repeat)
+    return TimingPlan(warmup=3, budget_s=1.0, min_repeats=9, max_repeats=200, fixed_repeats=args.repeat, rounds=3)
 
 
 def main(argv=None):

@@ -15,3 +15,24 @@ def test_shapes_option_rejects_what_batch_norm_cannot_train_on(text, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--shapes", text])
     assert "--shapes" in capsys.readouterr().err
+
+
+def test_each_round_times_fresh_tensors_and_the_median_round_counts(monkeypatch):
+    """A round whose tensors landed badly (one timer 3x slower throughout) does not move the
+    result: each round makes its own timers, and the median over rounds is reported."""
+    made = []
+
+    def make_timers(config, case):
+        slow = len(made) == 1  # the second round's allocation is the unlucky one
+        made.append(case)
+        return {
+            "bnext": lambda: 3e-3 if slow else 1e-3,
+            "torch": lambda: 2e-3,
+            "copy": lambda: 0.5e-3,
+        }
+
+    monkeypatch.setattr(bench, "make_timers", make_timers)
+    plan = bench.TimingPlan(warmup=1, budget_s=0.0, min_repeats=4, max_repeats=4, rounds=3)
+    medians, repeats = bench.time_case(None, "eval_fwd", plan)
+    assert len(made) == 3 and repeats == 12
+    assert medians == {"bnext": 1e-3, "torch": 2e-3, "copy": 0.5e-3}
