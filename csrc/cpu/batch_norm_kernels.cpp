@@ -860,10 +860,10 @@ C10_ALWAYS_INLINE Vec permute_lanes(const Vec& table, const IndexVec& index) {
 // picked[k] holds, in each lane, coefficient k of that lane's channel. The tensor is walked in
 // blocks of as many planes as a vector has lanes: a block is `inner` whole vectors, and its
 // planes' coefficients are one vector each, loaded from `cyclic[k]` at the first plane's channel
-// (cyclic arrays repeat their first channels past the last, ChannelAffines::wrap). Each vector
-// picks its lanes' coefficients from those with a permute, by the plane each lane falls in:
-// no branch per plane, and short planes cost no more per value than long ones. Threads split
-// the tensor between blocks, so with `stream` every vector but the tensor's last partial one
+// (cyclic arrays repeat their first channels past the last, wrap_channels). Each vector
+// picks its lanes' coefficients from those with a permute, by the plane each lane falls in: no
+// branch per plane (planes of 4 values: (64, 256, 2, 2) eval 34 -> 10 us). Threads split the
+// tensor between blocks, so with `stream` every vector but the tensor's last partial one
 // is written whole by streaming stores, whatever the planes' length.
 //
 // `values` is copied into each task, and should capture by value: what a loop reads through a
@@ -874,6 +874,7 @@ void map_plane_blocks(scalar_t* out, const Layout& layout, bool stream, std::arr
   using Vec = OpVec<scalar_t>;
   constexpr int64_t kSize = Vec::size();
   static_assert(kSize <= kMaxLanes);
+  TORCH_INTERNAL_ASSERT(layout.inner < kMinStreamedPlane);  // lane positions stay exact in float
   const int64_t inner = layout.inner;
   const int64_t channels = layout.channels;
   const int64_t planes = layout.batch * channels;
