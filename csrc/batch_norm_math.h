@@ -4,6 +4,7 @@
 #include <c10/macros/Macros.h>
 
 #include <cmath>
+#include <cstdint>
 
 namespace bnext {
 
@@ -30,6 +31,25 @@ C10_HOST_DEVICE inline Moments<acc_t> merge(const Moments<acc_t>& a, const Momen
   const acc_t b_share = b.count / count;
   const acc_t delta = b.mean - a.mean;
   return {count, a.mean + delta * b_share, a.m2 + b.m2 + delta * delta * a.count * b_share};
+}
+
+// The merge of `n` disjoint sets of equal count (n >= 1): the mean of their means, and their M2s
+// plus their means' spread around it. Equal to merging them one by one, without a division per set.
+template <typename acc_t>
+C10_HOST_DEVICE inline Moments<acc_t> merge_equal_counts(const Moments<acc_t>* parts, int64_t n) {
+  acc_t mean = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    mean += parts[k].mean;
+  }
+  mean /= static_cast<acc_t>(n);
+  acc_t m2 = 0;
+  acc_t spread = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const acc_t offset = parts[k].mean - mean;
+    m2 += parts[k].m2;
+    spread += offset * offset;
+  }
+  return {parts[0].count * static_cast<acc_t>(n), mean, m2 + parts[0].count * spread};
 }
 
 // Adds one value to moments (Welford's update).

@@ -1382,8 +1382,8 @@ Layout columns_of(const Layout& layout) {
 }
 
 // Moments of every channel of a planar tensor with planes shorter than a vector: each column's
-// (columns_of, by rows_moments), then merged per channel. The columns of a channel have the same
-// count, so its mean is the mean of theirs, and its M2 adds theirs and their means' spread.
+// (columns_of, by rows_moments), then merged per channel. Merged one column at a time (merge),
+// with a division each, (32, 512, 3, 3) statistics took 39 us rather than 31.
 template <typename opmath_t, typename acc_t, typename scalar_t>
 std::vector<Moments<acc_t>> short_plane_moments(const scalar_t* x, const Layout& layout) {
   const int64_t inner = layout.inner;
@@ -1393,22 +1393,8 @@ std::vector<Moments<acc_t>> short_plane_moments(const scalar_t* x, const Layout&
                                   std::copy_n(moments, n, columns.data() + j0);
                                 });
   std::vector<Moments<acc_t>> channels(layout.channels);
-  const acc_t column_count = static_cast<acc_t>(layout.batch);
   for (int64_t c = 0; c < layout.channels; ++c) {
-    const Moments<acc_t>* own = columns.data() + c * inner;
-    acc_t mean = 0;
-    for (int64_t j = 0; j < inner; ++j) {
-      mean += own[j].mean;
-    }
-    mean /= static_cast<acc_t>(inner);
-    acc_t m2 = 0;
-    acc_t spread = 0;
-    for (int64_t j = 0; j < inner; ++j) {
-      const acc_t offset = own[j].mean - mean;
-      m2 += own[j].m2;
-      spread += offset * offset;
-    }
-    channels[c] = Moments<acc_t>{column_count * static_cast<acc_t>(inner), mean, m2 + column_count * spread};
+    channels[c] = merge_equal_counts(columns.data() + c * inner, inner);
   }
   return channels;
 }
