@@ -1602,30 +1602,16 @@ struct GivenSums {
 };
 
 // The input gradient of a planar tensor in memory order (map_plane_blocks: planes under 256
-// values); gradient(c, invstd, weight) gives channel c's coefficients.
-template <typename opmath_t, typename scalar_t, typename Gradient>
+// values), from each channel's coefficients in arrays of at least channels + kMaxLanes values
+// (wrapped here).
+template <typename opmath_t, typename scalar_t>
 void input_grad_in_memory_order(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Layout& layout,
-                                const std::vector<opmath_t>& channel_mean, const ChannelValues& invstd_values,
-                                const ChannelValues& weight_values, const Gradient& gradient, bool training,
+                                std::vector<opmath_t>& mean, std::vector<opmath_t>& dy_scale,
+                                std::vector<opmath_t>& xmu_scale, std::vector<opmath_t>& shift, bool training,
                                 bool stream) {
   using Vec = OpVec<scalar_t>;
-  const int64_t channels = layout.channels;
-  std::vector<opmath_t> mean(channels + kMaxLanes), dy_scale(channels + kMaxLanes), xmu_scale(channels + kMaxLanes),
-      shift(channels + kMaxLanes);
-  std::copy_n(channel_mean.data(), channels, mean.data());
-  for_channel_blocks(channels, [&](int64_t c0, int64_t n) {
-    double invstd_block[kParamBlock], weight_block[kParamBlock];
-    invstd_values.read(c0, n, invstd_block);
-    weight_values.read(c0, n, weight_block);
-    for (int64_t j = 0; j < n; ++j) {
-      const InputGradient<opmath_t> g = gradient(c0 + j, invstd_block[j], weight_block[j]);
-      dy_scale[c0 + j] = g.dy_scale;
-      xmu_scale[c0 + j] = g.xmu_scale;
-      shift[c0 + j] = g.shift;
-    }
-  });
   for (auto* values : {&mean, &dy_scale, &xmu_scale, &shift}) {
-    wrap_channels(*values, channels);
+    wrap_channels(*values, layout.channels);
   }
   if (!training) {  // dx = dy * dy_scale
     map_plane_blocks<1>(dx, layout, stream, std::array<const opmath_t*, 1>{dy_scale.data()},
@@ -1680,51 +1666,16 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
         return InputGradient<opmath_t>{static_cast<opmath_t>(g.dy_scale), static_cast<opmath_t>(g.xmu_scale),
                                        static_cast<opmath_t>(g.shift)};
       };
-      if (!layout.rows) {
-        // Short planes are summed as rows of columns, and their input gradient walks memory in
-        // order after the sums. Longer planes stay channel by channel, even in eval, which needs
-        // no sums: in memory order (as eval's forward walks planes under 256 values), its input
-        // gradient went 0.14 -> 0.20 ms on 8x2048x7x7 and 0.25 -> 0.34 ms on 8x1024x14x14.
-        const bool short_planes = has_short_planes(layout, OpVec<scalar_t>::size());
-        const bool grad_in_memory_order = output_mask[0] && short_planes;
-        const std::vector<opmath_t> mean_op = all_channels<opmath_t>(mean_values, channels);
-        if (need_sums && short_planes) {
-          short_plane_grad_sums<opmath_t, acc_t>(dy_data, x_data, layout, mean_op.data(), sum_dy.data(),
-                                                 sum_dy_xmu.data());
-        } else if (need_sums || (output_mask[0] && !grad_in_memory_order)) {
-          const std::vector<double> invstd_c = all_channels<double>(invstd_values, channels);
-          const std::vector<double> weight_c = all_channels<double>(weight_values, channels);
-          parallel_for_output(0, channels, 1, stream && !grad_in_memory_order, [&](int64_t c_begin, int64_t c_end) {
-            for (int64_t c = c_begin; c < c_end; ++c) {
-              if (need_sums) {
-                std::tie(sum_dy[c], sum_dy_xmu[c]) = planar_channel_grad_sums(dy_data, x_data, layout, c, mean_op[c]);
-              }
-              if (!output_mask[0] || grad_in_memory_order) {
-                continue;
-              }
-              const InputGradient<opmath_t> g = gradient(c, invstd_c[c], weight_c[c]);
-              if (!training) {
-                normalize_channel(dy_data, dx_data, layout, c, Affine<opmath_t>{0, g.dy_scale, 0}, stream);
-                continue;
-              }
-              for (int64_t n = 0; n < layout.batch; ++n) {
-                const int64_t offset = (n * channels + c) * layout.inner;
-                input_grad_run(dy_data + offset, x_data + offset, dx_data + offset, layout.inner, mean_op[c], g,
-                               stream);
-              }
-            }
-          });
-        }
-        if (grad_in_memory_order) {
-          input_grad_in_memory_order(dy_data, x_data, dx_data, layout, mean_op, invstd_values, weight_values,
-                                     gradient, training, streams(grad_input, layout, /*in_memory_order=*/true));
-        }
-        return;
-      }
-      const std::vector<opmath_t> mean_op = all_channels<opmath_t>(mean_values, channels);
-      std::vector<opmath_t> dy_scale(output_mask[0] ? channels : 0);
-      std::vector<opmath_t> xmu_scale(output_mask[0] ? channels : 0);
-      std::vector<opmath_t> shift(output_mask[0] ? channels : 0);
+      const bool short_planes = has_short_planes(layout, OpVec<scalar_t>::size());
+      // Each channel's mean and input-gradient coefficients (arrays for rows and short planes;
+      // longer planes compute theirs channel by channel), with room for map_plane_blocks to wrap
+      // them.
+      std::vector<opmath_t> mean_op = all_channels<opmath_t>(mean_values, channels);
+      mean_op.resize(channels + kMaxLanes);
+      const int64_t coefficients = output_mask[0] && (layout.rows || short_planes) ? channels + kMaxLanes : 0;
+      std::vector<opmath_t> dy_scale(coefficients);
+      std::vector<opmath_t> xmu_scale(coefficients);
+      std::vector<opmath_t> shift(coefficients);
       // The input gradient's coefficients of channels [c0, c1).
       const auto set_gradients = [&](int64_t c0, int64_t c1) {
         for (int64_t b0 = c0; b0 < c1; b0 += kParamBlock) {
@@ -1740,6 +1691,46 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
           }
         }
       };
+      if (short_planes) {
+        // Short planes: summed as rows of columns, then their input gradient in memory order.
+        if (need_sums) {
+          short_plane_grad_sums<opmath_t, acc_t>(dy_data, x_data, layout, mean_op.data(), sum_dy.data(),
+                                                 sum_dy_xmu.data());
+        }
+        if (output_mask[0]) {
+          for_channel_blocks(channels, [&](int64_t c0, int64_t n) { set_gradients(c0, c0 + n); });
+          input_grad_in_memory_order(dy_data, x_data, dx_data, layout, mean_op, dy_scale, xmu_scale, shift, training,
+                                     streams(grad_input, layout, /*in_memory_order=*/true));
+        }
+        return;
+      }
+      if (!layout.rows) {
+        // Channel by channel, each channel's input gradient right after its sums, even in eval,
+        // which needs no sums: in memory order (as eval's forward walks planes under 256 values),
+        // its input gradient went 0.14 -> 0.20 ms on 8x2048x7x7 and 0.25 -> 0.34 ms on 8x1024x14x14.
+        const std::vector<double> invstd_c = all_channels<double>(invstd_values, channels);
+        const std::vector<double> weight_c = all_channels<double>(weight_values, channels);
+        parallel_for_output(0, channels, 1, stream, [&](int64_t c_begin, int64_t c_end) {
+          for (int64_t c = c_begin; c < c_end; ++c) {
+            if (need_sums) {
+              std::tie(sum_dy[c], sum_dy_xmu[c]) = planar_channel_grad_sums(dy_data, x_data, layout, c, mean_op[c]);
+            }
+            if (!output_mask[0]) {
+              continue;
+            }
+            const InputGradient<opmath_t> g = gradient(c, invstd_c[c], weight_c[c]);
+            if (!training) {
+              normalize_channel(dy_data, dx_data, layout, c, Affine<opmath_t>{0, g.dy_scale, 0}, stream);
+              continue;
+            }
+            for (int64_t n = 0; n < layout.batch; ++n) {
+              const int64_t offset = (n * channels + c) * layout.inner;
+              input_grad_run(dy_data + offset, x_data + offset, dx_data + offset, layout.inner, mean_op[c], g, stream);
+            }
+          }
+        });
+        return;
+      }
       const RowGradients<opmath_t> g{mean_op.data(), dy_scale.data(), xmu_scale.data(), shift.data()};
       // With a single part, each task of the sums goes on to its channels' input gradient, their
       // rows still in cache ((2, 65536) backward 284 -> 244 us, (64, 8192) 198 -> 157 us).
