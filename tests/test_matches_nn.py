@@ -115,6 +115,12 @@ LARGE_SHAPES = {
     "tiny_planes": (64, 256, 2, 2),
     "tiny_planes_several_parts": (3000, 7, 3),
     "tiny_planes_streamed": (1024, 64, 3, 3),
+    # channels_last rows narrower than 64 values or not whole vectors: read as wider rows of
+    # several rows each (96 values for 6 channels), the last rows left over (5365 rows, 16 per wide
+    # row), or 400 values for 100 channels; streamed from 1.5 MB on
+    "narrow_rows_leftover": (5, 6, 37, 29),
+    "narrow_rows_odd_channels": (40, 100, 3, 3),
+    "narrow_rows_streamed": (16, 3, 128, 128),
 }
 
 
