@@ -661,15 +661,14 @@ C10_ALWAYS_INLINE void for_each_row_channel(const RowBlock& rows, const Body& bo
 // stored as usual (map_run).
 constexpr int64_t kMinStreamedPlane = 256;
 
-// Whether an elementwise pass that needs no per-channel sums walks a planar tensor's planes in
-// memory order (map_plane_blocks) rather than channel by channel: planes too short to stream on
-// their own.
+// Whether an elementwise pass that needs no per-channel sums walks a planar tensor in blocks of
+// planes (map_plane_blocks) rather than plane by plane: planes too short to stream on their own.
 bool planes_in_memory_order(const Layout& layout) {
   return !layout.rows && layout.inner < kMinStreamedPlane;
 }
 
 // Whether a planar tensor's planes are shorter than a vector of `lanes` values. Its sums then run
-// over rows of columns (columns_of) rather than channel by channel, and every elementwise pass
+// over wide rows of columns (Columns) rather than channel by channel, and every elementwise pass
 // walks it in memory order, after the sums (longer planes are summed channel by channel and each
 // channel's pass follows its sums, while the channel is in cache).
 bool has_short_planes(const Layout& layout, int64_t lanes) {
