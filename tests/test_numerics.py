@@ -150,6 +150,7 @@ def test_large_mean_is_at_least_as_accurate_as_torch(device, layout):
         ((256, 8, 2, 2), "contiguous"),  # planes shorter than a vector: rows of columns, one part
         ((3000, 4, 3), "contiguous"),  # the same in several parts
         ((20000, 3), "contiguous"),  # rows of 3 channels, read as wide rows of 96 values
+        ((64, 3, 32, 32), "contiguous"),  # planar, 3 channels: each channel's images in runs
     ],
 )
 @pytest.mark.parametrize("outlier", [1e2, 1e4])
@@ -190,6 +191,8 @@ def test_statistics_stay_exact_when_the_first_values_are_outliers(shape, layout,
         ((3000, 5, 3), "contiguous"),
         ((50001, 6), "contiguous"),
         ((20, 3, 40, 50), "channels_last"),
+        ((6, 1, 50, 60), "contiguous"),
+        ((3, 4, 16, 128, 128), "contiguous"),
     ],
 )
 def test_results_do_not_depend_on_thread_count(shape, layout, dtype):
