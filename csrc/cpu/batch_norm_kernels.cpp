@@ -1621,21 +1621,20 @@ void normalize_columns(const scalar_t* x, scalar_t* y, const Columns& columns, c
   }
 }
 
-// Tasks a planar tensor of few channels is split into at least. Split by channel alone, 3
-// channels left one of 2 threads half idle (16x3x224x224 training forward 0.85 ms, backward 1.32
-// ms; split, 0.63 and 0.99 ms) and one channel left it idle ((4, 1, 128, 128) training forward
-// 0.138 -> 0.022 ms, backward 0.157 -> 0.056 ms).
+// Runs of images a planar tensor of fewer than kFewChannels channels sums each channel in:
+// enough for this many tasks in all.
 constexpr int64_t kMinPlanarTasks = 16;
-// Channels of at least this many values are split too, when there are fewer than
-// kMinPlanarTasks: they exceed a core's L2, so the channel's normalize pass gains nothing from
-// following its statistics. Smaller ones, when there are 4 channels or more, stay whole: 8x8x56x56
-// (100 KB channels) split took 0.044 ms to train rather than 0.036 ms.
-constexpr int64_t kSplitChannelValues = int64_t(1) << 18;
+// With as many channels or more, each channel is summed in one run: in runs, 8x8x56x56 trained in
+// 0.038 ms rather than 0.033 ms (a shift, a flush and a merge per run), and 5 channels on 2
+// threads are split 3:2 at worst.
+constexpr int64_t kFewChannels = 4;
 
-// The tasks of a planar tensor's per-channel passes: each channel's images in `chunks` runs (task
-// t: channel t / chunks, images [image_begin(t), image_end(t))). A channel is one task unless
-// there are fewer than kMinPlanarTasks channels and they are fewer than 4 or large. The split
-// follows from the shape alone, so the results do not depend on the thread count.
+// A planar tensor's channels, each summed in `chunks` runs of images (run k of channel c is task
+// c * chunks + k: images [image_begin(task), image_end(task))), and the runs' sums merged in
+// order. Channels are one run unless there are fewer than kFewChannels of them. The runs follow
+// from the shape alone, and so do the results; the schedule follows from the thread count
+// (split_tasks). Split by channel alone, 3 channels left one of 2 threads half idle:
+// 16x3x224x224 training forward 0.82 -> 0.58 ms and backward 1.27 -> 0.98 ms as split tasks.
 struct PlanarSplit {
   int64_t channels;
   int64_t batch;
@@ -1644,18 +1643,23 @@ struct PlanarSplit {
   explicit PlanarSplit(const Layout& layout)
       : channels(layout.channels),
         batch(layout.batch),
-        chunks(channels < kMinPlanarTasks && (channels < 4 || layout.num_rows >= kSplitChannelValues)
-                   ? std::min(batch, (kMinPlanarTasks + channels - 1) / channels)
-                   : 1) {}
+        chunks(channels < kFewChannels ? std::min(batch, (kMinPlanarTasks + channels - 1) / channels) : 1) {}
 
   int64_t num_tasks() const { return channels * chunks; }
   int64_t channel(int64_t task) const { return task / chunks; }
   int64_t image_begin(int64_t task) const { return task % chunks * batch / chunks; }
   int64_t image_end(int64_t task) const { return (task % chunks + 1) * batch / chunks; }
 
+  // Whether the runs are tasks of their own, in two parallel passes (sums, then the elementwise
+  // pass), rather than each channel one task that sums its runs and then normalizes (or
+  // back-propagates) the channel while it is in cache: where the channels do not spread evenly
+  // over the threads. On 2 threads, (8, 2, 128, 128) trained in 0.044 ms channel by channel and
+  // 0.049 ms as split tasks.
+  bool split_tasks() const { return chunks > 1 && channels % at::get_num_threads() != 0; }
+
   // body(task) over the tasks in parallel, each thread's tasks last first: a pass after the
-  // statistics (or gradient sums) over the same tasks starts on the planes they read last, still
-  // in the core's cache. With `stream`, each thread fences its streaming stores.
+  // sums over the same tasks starts on the planes they read last, still in the core's cache. With
+  // `stream`, each thread fences its streaming stores.
   template <typename Body>
   void for_tasks_last_first(bool stream, const Body& body) const {
     parallel_for_output(0, num_tasks(), 1, stream, [&](int64_t begin, int64_t end) {
@@ -1666,8 +1670,17 @@ struct PlanarSplit {
   }
 };
 
-// Moments of every channel of a planar tensor split into several tasks per channel: each task's,
-// then merged per channel in task order (Chan's merge).
+// Moments of channel c of a planar tensor: its runs' (PlanarSplit), merged in order.
+template <typename scalar_t>
+auto split_channel_moments(const scalar_t* x, const Layout& layout, const PlanarSplit& split, int64_t c) {
+  decltype(planar_channel_moments(x, layout, c)) moments;
+  for (int64_t task = c * split.chunks; task < (c + 1) * split.chunks; ++task) {
+    moments = merge(moments, planar_channel_moments(x, layout, c, split.image_begin(task), split.image_end(task)));
+  }
+  return moments;
+}
+
+// The same for every channel, each run a task (PlanarSplit::split_tasks), merged in the same order.
 template <typename acc_t, typename scalar_t>
 std::vector<Moments<acc_t>> split_planar_moments(const scalar_t* x, const Layout& layout, const PlanarSplit& split) {
   std::vector<Moments<acc_t>> parts(split.num_tasks());
@@ -1677,12 +1690,25 @@ std::vector<Moments<acc_t>> split_planar_moments(const scalar_t* x, const Layout
     }
   });
   std::vector<Moments<acc_t>> channels(split.channels);
-  for (int64_t c = 0; c < split.channels; ++c) {
-    for (int64_t k = 0; k < split.chunks; ++k) {
-      channels[c] = merge(channels[c], parts[c * split.chunks + k]);
-    }
+  for (int64_t task = 0; task < split.num_tasks(); ++task) {
+    channels[split.channel(task)] = merge(channels[split.channel(task)], parts[task]);
   }
   return channels;
+}
+
+// sum(dy) and sum(dy * (x - mean)) of channel c of a planar tensor: its runs' (PlanarSplit), added
+// in order to zero.
+template <typename acc_t, typename scalar_t, typename opmath_t>
+std::pair<acc_t, acc_t> split_channel_grad_sums(const scalar_t* dy, const scalar_t* x, const Layout& layout,
+                                                const PlanarSplit& split, int64_t c, opmath_t mean) {
+  std::pair<acc_t, acc_t> sums{0, 0};
+  for (int64_t task = c * split.chunks; task < (c + 1) * split.chunks; ++task) {
+    const auto [sum_dy, sum_dy_xmu] =
+        planar_channel_grad_sums(dy, x, layout, c, mean, split.image_begin(task), split.image_end(task));
+    sums.first += sum_dy;
+    sums.second += sum_dy_xmu;
+  }
+  return sums;
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const std::optional<Tensor>& weight,
@@ -1743,8 +1769,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
       const std::vector<double> w = all_channels<double>(weight_values, layout.channels);
       const std::vector<double> b = all_channels<double>(bias_values, layout.channels);
       const PlanarSplit split(layout);
-      if (split.chunks > 1) {
-        // Few channels: statistics per run of images, merged per channel, then each run normalized.
+      if (split.split_tasks()) {
+        // Statistics per run of images, merged per channel, then each run normalized.
         const std::vector<Moments<acc_t>> moments = split_planar_moments<acc_t>(x_data, layout, split);
         ChannelAffines<opmath_t> affines(layout.channels);
         for (int64_t c = 0; c < layout.channels; ++c) {
@@ -1762,7 +1788,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
       // Channel by channel: the normalize pass re-reads the channel while the statistics pass left it in cache.
       parallel_for_output(0, layout.channels, 1, stream, [&](int64_t c_begin, int64_t c_end) {
         for (int64_t c = c_begin; c < c_end; ++c) {
-          const auto affine = finish_channel(c, planar_channel_moments(x_data, layout, c), w[c], b[c]);
+          const auto affine = finish_channel(c, split_channel_moments(x_data, layout, split, c), w[c], b[c]);
           normalize_channel(x_data, y_data, layout, c, affine, stream);
         }
       });
@@ -1820,7 +1846,7 @@ std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
     }
     if (!layout.rows) {
       const PlanarSplit split(layout);
-      if (split.chunks > 1) {
+      if (split.split_tasks()) {
         const auto moments = split_planar_moments<acc_t>(x_data, layout, split);
         for (int64_t c = 0; c < layout.channels; ++c) {
           store(c, moments[c]);
@@ -1829,7 +1855,7 @@ std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
       }
       at::parallel_for(0, layout.channels, 1, [&](int64_t c_begin, int64_t c_end) {
         for (int64_t c = c_begin; c < c_end; ++c) {
-          store(c, planar_channel_moments(x_data, layout, c));
+          store(c, split_channel_moments(x_data, layout, split, c));
         }
       });
       return;
@@ -2052,9 +2078,8 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
         const std::vector<double> invstd_c = all_channels<double>(invstd_values, channels);
         const std::vector<double> weight_c = all_channels<double>(weight_values, channels);
         const PlanarSplit split(layout);
-        if (split.chunks > 1) {
-          // Few channels: sums per run of images, added per channel in order, then each run's
-          // input gradient.
+        if (split.split_tasks()) {
+          // Sums per run of images, added per channel in order, then each run's input gradient.
           if (need_sums) {
             std::vector<std::pair<acc_t, acc_t>> parts(split.num_tasks());
             at::parallel_for(0, split.num_tasks(), 1, [&](int64_t begin, int64_t end) {
@@ -2094,7 +2119,8 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
         parallel_for_output(0, channels, 1, stream, [&](int64_t c_begin, int64_t c_end) {
           for (int64_t c = c_begin; c < c_end; ++c) {
             if (need_sums) {
-              std::tie(sum_dy[c], sum_dy_xmu[c]) = planar_channel_grad_sums(dy_data, x_data, layout, c, mean_op[c]);
+              std::tie(sum_dy[c], sum_dy_xmu[c]) =
+                  split_channel_grad_sums<double>(dy_data, x_data, layout, split, c, mean_op[c]);
             }
             if (!output_mask[0]) {
               continue;
