@@ -1006,11 +1006,36 @@ void input_grad_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_
 // The `batch` planes of channel c, normalized with one set of coefficients.
 template <typename opmath_t, typename scalar_t>
 void normalize_channel(const scalar_t* x, scalar_t* y, const Layout& layout, int64_t c, const Affine<opmath_t>& affine,
-                       bool stream) {
-  for (int64_t n = 0; n < layout.batch; ++n) {
+                       bool stream, int64_t n0 = 0, int64_t n1 = -1) {
+  for (int64_t n = n0; n < (n1 < 0 ? layout.batch : n1); ++n) {
     const int64_t offset = (n * layout.channels + c) * layout.inner;
     normalize_run(x + offset, y + offset, layout.inner, affine, stream);
   }
+}
+
+// The input gradient of channel c's planes in images [n0, n1): dx = dy * dy_scale in eval.
+template <typename opmath_t, typename scalar_t>
+void channel_input_grad(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Layout& layout, int64_t c,
+                        int64_t n0, int64_t n1, opmath_t mean, const InputGradient<opmath_t>& g, bool training,
+                        bool stream) {
+  if (!training) {
+    normalize_channel(dy, dx, layout, c, Affine<opmath_t>{0, g.dy_scale, 0}, stream, n0, n1);
+    return;
+  }
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t offset = (n * layout.channels + c) * layout.inner;
+    input_grad_run(dy + offset, x + offset, dx + offset, layout.inner, mean, g, stream);
+  }
+}
+
+// Coefficients that only scale, by scale[c] (eval's input gradient, dx = dy * dy_scale).
+template <typename opmath_t>
+ChannelAffines<opmath_t> scale_affines(const opmath_t* scale, int64_t channels) {
+  ChannelAffines<opmath_t> affines(channels);
+  for (int64_t c = 0; c < channels; ++c) {
+    affines.set(c, Affine<opmath_t>{0, scale[c], 0});
+  }
+  return affines;
 }
 
 // Parallel over planes in memory order, each normalized with its channel's coefficients (eval,
@@ -1787,10 +1812,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
         }
         split.for_tasks_last_first(stream, [&](int64_t task) {
           const int64_t c = split.channel(task);
-          for (int64_t n = split.image_begin(task); n < split.image_end(task); ++n) {
-            const int64_t offset = (n * layout.channels + c) * layout.inner;
-            normalize_run(x_data + offset, y_data + offset, layout.inner, affines.get(c), stream);
-          }
+          normalize_channel(x_data, y_data, layout, c, affines.get(c), stream, split.image_begin(task),
+                            split.image_end(task));
         });
         return;
       }
@@ -2001,11 +2024,8 @@ void input_grad_columns(const scalar_t* dy, const scalar_t* x, scalar_t* dx, con
                         const opmath_t* shift, bool training, bool stream) {
   const std::vector<opmath_t> column_dy_scale = columns.tile(dy_scale);
   if (!training) {  // dx = dy * dy_scale
-    ChannelAffines<opmath_t> dy_affines(columns.width);
-    for (int64_t j = 0; j < columns.width; ++j) {
-      dy_affines.set(j, Affine<opmath_t>{0, column_dy_scale[j], 0});
-    }
-    normalize_columns(dy, dx, columns, dy_affines, stream, /*after_reduction=*/false);
+    normalize_columns(dy, dx, columns, scale_affines(column_dy_scale.data(), columns.width), stream,
+                      /*after_reduction=*/false);
     return;
   }
   const std::vector<opmath_t> column_mean = columns.tile(mean);
@@ -2142,16 +2162,8 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
           }
           split.for_tasks_last_first(stream, [&](int64_t task) {
             const int64_t c = split.channel(task);
-            for (int64_t n = split.image_begin(task); n < split.image_end(task); ++n) {
-              const int64_t offset = (n * channels + c) * layout.inner;
-              if (training) {
-                input_grad_run(dy_data + offset, x_data + offset, dx_data + offset, layout.inner, mean_op[c], g[c],
-                               stream);
-              } else {
-                normalize_run(dy_data + offset, dx_data + offset, layout.inner, Affine<opmath_t>{0, g[c].dy_scale, 0},
-                              stream);
-              }
-            }
+            channel_input_grad(dy_data, x_data, dx_data, layout, c, split.image_begin(task), split.image_end(task),
+                               mean_op[c], g[c], training, stream);
           });
           return;
         }
@@ -2164,15 +2176,8 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
             if (!output_mask[0]) {
               continue;
             }
-            const InputGradient<opmath_t> g = gradient(c, invstd_c[c], weight_c[c]);
-            if (!training) {
-              normalize_channel(dy_data, dx_data, layout, c, Affine<opmath_t>{0, g.dy_scale, 0}, stream);
-              continue;
-            }
-            for (int64_t n = 0; n < layout.batch; ++n) {
-              const int64_t offset = (n * channels + c) * layout.inner;
-              input_grad_run(dy_data + offset, x_data + offset, dx_data + offset, layout.inner, mean_op[c], g, stream);
-            }
+            channel_input_grad(dy_data, x_data, dx_data, layout, c, 0, layout.batch, mean_op[c],
+                               gradient(c, invstd_c[c], weight_c[c]), training, stream);
           }
         });
         return;
@@ -2197,13 +2202,8 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
       const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, channels));
       for_channel_blocks(channels, [&](int64_t c0, int64_t n) { set_gradients(c0, c0 + n); });
       if (!training) {
-        ChannelAffines<opmath_t> dy_affines(channels);
-        for (int64_t c = 0; c < channels; ++c) {
-          dy_affines.set(c, Affine<opmath_t>{0, dy_scale[c], 0});
-        }
-        parallel_for_output(0, layout.num_rows, grain, stream, [&](int64_t begin, int64_t end) {
-          normalize_rows(dy_data, dx_data, channels, RowBlock{begin, end, 0, channels}, dy_affines, stream);
-        });
+        normalize_all_rows(dy_data, dx_data, layout, scale_affines(dy_scale.data(), channels), stream,
+                           /*after_reduction=*/false);
         return;
       }
       parallel_for_output(0, layout.num_rows, grain, stream, [&](int64_t begin, int64_t end) {
