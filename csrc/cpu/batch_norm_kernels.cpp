@@ -26,12 +26,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <array>
 #include <bit>
+#include <cmath>
+#include <exception>
+#include <fstream>
 #include <memory>
 #include <numeric>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -66,7 +69,7 @@ constexpr int64_t kMinPartRows = 64;
 // threshold stops at 32 MB) maps every output afresh; the kernel zeroes each new page into cache
 // on first touch, and a streaming store over those dirty lines writes them back twice: measured
 // 1.4x slower than ordinary stores on 49 and 98 MB outputs. Eval also keeps ordinary stores where
-// its input and output fit in the threads' L2 caches (fits_in_core_caches).
+// its input and output fit in the caches near the threads (fits_in_near_caches).
 constexpr int64_t kStreamBytes = int64_t(3) << 19;  // 1.5 MB
 constexpr int64_t kStreamMaxBytes = int64_t(32) << 20;
 // Channels of a rows tensor reduced together by one task.
@@ -407,6 +410,27 @@ C10_ALWAYS_INLINE T multiply_add(const T& a, const T& b, const T& c) {
   }
 }
 
+// Independent accumulators per sum in pair_sums, to keep several vector adds in flight: as many as
+// the vector registers hold. AVX-512 has 32, and takes 4 per sum; AVX2's 16 took 4 per sum only by
+// keeping them on the stack, a store and a reload per add (AMD EPYC, Zen 3, 2 threads: backward of
+// 8x2048x7x7 0.62 -> 0.50 ms with 2 per sum, 8x512x7x7 1 thread 0.22 -> 0.16 ms; planes of 56x56
+// at par).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kSumChains = 4;
+#else
+constexpr int64_t kSumChains = 2;
+#endif
+
+// The sum of a pair_sums accumulator's chains, pairwise.
+template <typename Vec>
+C10_ALWAYS_INLINE Vec sum_chains(const std::array<Vec, kSumChains>& lanes) {
+  if constexpr (kSumChains == 4) {
+    return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  } else {
+    return lanes[0] + lanes[1];
+  }
+}
+
 // Two sums over the values of `num_runs` runs of `length` values, run r starting at r * run_stride
 // (the planes of one channel). SIMD lanes in the compute type (float for float32) take at most
 // kFlushEvery terms each, then are added lane by lane into totals of the accumulation type
@@ -426,25 +450,24 @@ auto pair_sums(int64_t num_runs, int64_t run_stride, int64_t length, const Terms
   using acc_t = acc_type<scalar_t>;
   using Vec = OpVec<scalar_t>;
   constexpr int64_t kLanes = Vec::size();
-  // Independent accumulators per sum, to keep several vector adds in flight.
-  constexpr int64_t kChains = 4;
-  constexpr int64_t kStep = kLanes * kChains;
+  constexpr int64_t kStep = kLanes * kSumChains;
 
   LaneTotals<scalar_t> first_totals;
   LaneTotals<scalar_t> second_totals;
   acc_t first_tails = 0;
   acc_t second_tails = 0;
-  Vec first_lanes[kChains] = {Vec(opmath_t(0)), Vec(opmath_t(0)), Vec(opmath_t(0)), Vec(opmath_t(0))};
-  Vec second_lanes[kChains] = {Vec(opmath_t(0)), Vec(opmath_t(0)), Vec(opmath_t(0)), Vec(opmath_t(0))};
+  std::array<Vec, kSumChains> first_lanes;
+  std::array<Vec, kSumChains> second_lanes;
+  first_lanes.fill(Vec(opmath_t(0)));
+  second_lanes.fill(Vec(opmath_t(0)));
   Vec first_partial(opmath_t(0));  // the runs' partial vectors
   Vec second_partial(opmath_t(0));
   int64_t steps = 0;  // terms in each lane since the last flush
   const auto flush = [&] {
-    first_totals.add(((first_lanes[0] + first_lanes[1]) + (first_lanes[2] + first_lanes[3])) + first_partial);
-    second_totals.add(((second_lanes[0] + second_lanes[1]) + (second_lanes[2] + second_lanes[3])) + second_partial);
-    for (int64_t k = 0; k < kChains; ++k) {
-      first_lanes[k] = second_lanes[k] = Vec(opmath_t(0));
-    }
+    first_totals.add(sum_chains(first_lanes) + first_partial);
+    second_totals.add(sum_chains(second_lanes) + second_partial);
+    first_lanes.fill(Vec(opmath_t(0)));
+    second_lanes.fill(Vec(opmath_t(0)));
     first_partial = second_partial = Vec(opmath_t(0));
     steps = 0;
   };
@@ -460,14 +483,14 @@ auto pair_sums(int64_t num_runs, int64_t run_stride, int64_t length, const Terms
     const int64_t begin = run * run_stride;
     int64_t i = 0;
     for (; i + kStep <= vec_length; i += kStep) {
-      for (int64_t k = 0; k < kChains; ++k) {
+      for (int64_t k = 0; k < kSumChains; ++k) {
         terms(begin + i + k * kLanes, kLanes, first_lanes[k], second_lanes[k]);
       }
       end_step();
     }
-    // Fewer than kChains vectors left (one into each chain) and the partial one: one more step.
+    // Fewer than kSumChains vectors left (one into each chain) and the partial one: one more step.
     const int64_t whole = (vec_length - i) / kLanes;
-    for (int64_t k = 0; k < kChains - 1; ++k) {  // a constant trip count keeps the lanes in registers
+    for (int64_t k = 0; k < kSumChains - 1; ++k) {  // a constant trip count keeps the lanes in registers
       if (k < whole) {
         terms(begin + i + k * kLanes, kLanes, first_lanes[k], second_lanes[k]);
       }
@@ -674,10 +697,22 @@ C10_ALWAYS_INLINE void for_each_row_channel(const RowBlock& rows, const Body& bo
 // stored as usual (map_run).
 constexpr int64_t kMinStreamedPlane = 256;
 
+// Planes shorter than this are walked in memory order (map_plane_blocks) by an elementwise pass
+// that needs no per-channel sums, rather than plane by plane. With AVX-512, planes too short to
+// stream on their own. AVX2's vectors hold half as many values, so its lane picking costs twice as
+// much per value and its planes leave shorter tails: on 2 threads of an AMD EPYC (Zen 3), plane by
+// plane took 0.69-0.80x the time for eval of 14x14 planes (8x1024x14x14, 8x256x14x14), 0.83x for
+// 12x12, 0.91x for 8x8; memory order kept 7x7 planes 1.19-1.28x faster (8x512x7x7, 8x2048x7x7).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kMinPlaneByPlane = kMinStreamedPlane;
+#else
+constexpr int64_t kMinPlaneByPlane = 64;
+#endif
+
 // Whether an elementwise pass that needs no per-channel sums walks a planar tensor in blocks of
-// planes (map_plane_blocks) rather than plane by plane: planes too short to stream on their own.
+// planes (map_plane_blocks) rather than plane by plane.
 bool planes_in_memory_order(const Layout& layout) {
-  return !layout.rows && layout.inner < kMinStreamedPlane;
+  return !layout.rows && layout.inner < kMinPlaneByPlane;
 }
 
 // Whether a planar tensor's planes are shorter than a vector of `lanes` values. Its sums then run
@@ -703,18 +738,85 @@ bool streams(const Tensor& output, const Layout& layout, bool in_memory_order = 
          reinterpret_cast<uintptr_t>(output.const_data_ptr()) % 64 == 0;
 }
 
-// L2 cache of one core.
-constexpr int64_t kCoreCacheBytes = int64_t(2) << 20;
+// The L2 size of one core and the L3 size of the CPU this runs on, as Linux's sysfs gives them for
+// its first core; where a size cannot be read, the L2 of the machine the constants above were
+// measured on (2 MB, Sapphire Rapids) and no L3. sysconf's values come from cpuid, which in a VM
+// describes the host: 256 MB of L3 on a 2-core AMD EPYC guest whose sysfs says 32 MB.
+struct CacheSizes {
+  int64_t l2 = int64_t(2) << 20;
+  int64_t l3 = 0;
+};
 
-// Whether `bytes` fit in the L2 caches of the threads that share them. Eval does not stream an
-// output that fits there with its input: it would leave the cache for nothing (the next layer
-// reads it). On 2 threads, 8x256x14x14 (1.6 MB) eval 0.047 -> 0.038 ms; on 1 thread, the input and
-// output exceed one L2 and streaming still gains (channels_last eval 0.125 -> 0.097 ms, above).
+// A sysfs cache size ("512K", "32768K", "2M") in bytes, or 0.
+int64_t parse_cache_size(const std::string& text) {
+  std::size_t end = 0;
+  int64_t value = 0;
+  try {
+    value = std::stoll(text, &end);
+  } catch (const std::exception&) {
+    return 0;
+  }
+  const char unit = end < text.size() ? text[end] : ' ';
+  return unit == 'K' ? value << 10 : unit == 'M' ? value << 20 : unit == 'G' ? value << 30 : value;
+}
+
+CacheSizes read_cache_sizes() {
+  CacheSizes sizes;
+  for (int index = 0; index < 8; ++index) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+    std::ifstream level_file(dir + "level"), type_file(dir + "type"), size_file(dir + "size");
+    int level = 0;
+    std::string type, size;
+    if (!(level_file >> level) || !(type_file >> type) || !(size_file >> size) || type == "Instruction") {
+      continue;
+    }
+    const int64_t bytes = parse_cache_size(size);
+    if (level == 2 && bytes > 0) {
+      sizes.l2 = bytes;
+    } else if (level == 3 && bytes > 0) {
+      sizes.l3 = bytes;
+    }
+  }
+  return sizes;
+}
+
+const CacheSizes& cache_sizes() {
+  static const CacheSizes sizes = read_cache_sizes();
+  return sizes;
+}
+
+// Whether the L3 is a fast victim cache of the cores' L2s (AMD Zen) rather than one barely faster
+// than memory for a streaming pass (Intel's server parts).
+bool has_victim_l3() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool amd = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd");
+  }();
+  return amd;
+#else
+  return false;
+#endif
+}
+
+// Whether `bytes` fit in the caches near the threads: their L2s, or on a CPU with a victim L3 a
+// quarter of that L3 if more. Eval does not stream an output that fits there with its input: it
+// would leave the cache for nothing (the next layer reads it). On 2 threads of Sapphire Rapids,
+// 8x256x14x14 (1.6 MB) eval 0.047 -> 0.038 ms; on 1 thread, the input and output exceed one L2 and
+// streaming still gains (channels_last eval 0.125 -> 0.097 ms, above). On 2 threads of an AMD
+// EPYC (Zen 3, 32 MB of L3, 512 KB of L2 per core), ordinary stores took 0.58-0.88x the time of
+// streaming ones for eval outputs of 3.2 to 6.4 MB (8x128x28x28, 4096x256, 8x2048x7x7), and
+// 1.2-1.3x from 12.8 MB on (8x512x28x28 channels_last, 32x128x1000).
 // The training forward streams all the same: its backward, timed right after in the benchmark,
 // then finds its input and output gradient in cache (8x256x14x14 channels_last forward and
-// backward 0.35 ms with ordinary stores, 0.28 ms streamed).
-bool fits_in_core_caches(int64_t bytes) {
-  return bytes <= kCoreCacheBytes * at::get_num_threads();
+// backward 0.35 ms with ordinary stores, 0.28 ms streamed, Sapphire Rapids).
+bool fits_in_near_caches(int64_t bytes) {
+  const CacheSizes& sizes = cache_sizes();
+  int64_t near = sizes.l2 * at::get_num_threads();
+  if (has_victim_l3()) {
+    near = std::max(near, sizes.l3 / 4);
+  }
+  return bytes <= near;
 }
 
 // Bytes one vector of the compute type occupies once stored as scalar_t: what a streaming store
@@ -874,7 +976,8 @@ C10_ALWAYS_INLINE Vec permute_lanes(const Vec& table, const IndexVec& index) {
 }
 
 // out[i..] = values(i, count, picked) over a whole planar tensor in memory order, one vector
-// (count values) at a time, for planes shorter than kMinStreamedPlane (planes_in_memory_order).
+// (count values) at a time, for planes shorter than kMinStreamedPlane (planes_in_memory_order,
+// has_short_planes).
 // picked[k] holds, in each lane, coefficient k of that lane's channel. The tensor is walked in
 // blocks of as many planes as a vector has lanes: a block is `inner` whole vectors, and its
 // planes' coefficients are one vector each, loaded from `cyclic[k]` at the first plane's channel
@@ -1926,7 +2029,7 @@ Tensor batch_norm_eval(const Tensor& input, const Tensor& running_mean, const Te
     using opmath_t = at::opmath_type<scalar_t>;
     const bool in_memory_order = planes_in_memory_order(layout);
     const bool stream =
-        streams(output, layout, in_memory_order) && !fits_in_core_caches(2 * static_cast<int64_t>(output.nbytes()));
+        streams(output, layout, in_memory_order) && !fits_in_near_caches(2 * static_cast<int64_t>(output.nbytes()));
     // The coefficients of channels [c0, c0 + n) into affines[offset + j].
     const auto set_affines = [&](ChannelAffines<opmath_t>& affines, int64_t c0, int64_t n, int64_t offset) {
       for (int64_t b0 = 0; b0 < n; b0 += kParamBlock) {
@@ -1966,7 +2069,7 @@ Tensor batch_norm_eval(const Tensor& input, const Tensor& running_mean, const Te
     if (narrow_rows(layout)) {
       const Columns columns(layout);
       normalize_columns(x_data, y_data, columns, tile_affines(affines, columns),
-                        streams(output, columns.layout()) && !fits_in_core_caches(2 * static_cast<int64_t>(output.nbytes())),
+                        streams(output, columns.layout()) && !fits_in_near_caches(2 * static_cast<int64_t>(output.nbytes())),
                         /*after_reduction=*/false);
     } else if (layout.rows) {
       normalize_all_rows(x_data, y_data, layout, affines, stream, /*after_reduction=*/false);
