@@ -47,6 +47,10 @@ def test_huge_constant_channel_in_float64_normalizes_to_zero(device, layout):
         ((16, 64, 32, 32), "channels_last"),
         ((8, 130, 31, 33), "contiguous"),
         ((24, 1000, 7, 7), "contiguous"),
+        # past 8 MB, streamed on CPUs whose L3 takes smaller outputs; 24 channels: rows of 16
+        # values converted together (AVX2), then 8, starting 32-byte aligned on every other row
+        ((48, 24, 64, 64), "channels_last"),
+        ((48, 24, 61, 59), "contiguous"),
     ],
 )
 @pytest.mark.parametrize("device", DEVICES)
@@ -85,6 +89,7 @@ def test_reduced_precision_output_rounds_as_torch(device, shape, layout, dtype):
         ((16, 64, 32, 33), "contiguous"),  # streamed outputs
         ((16, 64, 32, 32), "channels_last"),
         ((24, 1000, 7, 7), "contiguous"),
+        ((32, 24, 32, 40), "channels_last"),  # rows of 16 + 8 channels, every other one 32-byte aligned
     ],
 )
 def test_reduced_precision_training_is_float32_rounded_on_cpu(shape, layout, dtype):

@@ -196,6 +196,38 @@ C10_ALWAYS_INLINE OpVec<scalar_t> load_vec(const scalar_t* data) {
   }
 }
 
+// Two compute-type vectors, for passes that store a reduced type two vectors at a time
+// (kStoresPairs).
+template <typename scalar_t>
+using VecPair = at::vec::VectorizedN<at::opmath_type<scalar_t>, 2>;
+
+template <typename T>
+struct IsVecPair : std::false_type {};
+template <typename T>
+struct IsVecPair<at::vec::VectorizedN<T, 2>> : std::true_type {};
+
+// Whether an elementwise pass stores scalar_t two compute-type vectors at a time: bfloat16 and
+// float16 on AVX2, whose vectors of 8 floats narrow to 16 bytes. The pair's 16 values convert
+// together into one 32-byte store, as torch's kernels store them; one 16-byte store per vector
+// took 1.2-1.4x the time of a bfloat16 eval on 2 threads of an AMD EPYC (Zen 3): 8x512x28x28
+// 0.72 -> 0.52 ms, 32x128x1000 0.90 -> 0.64 ms. With AVX-512 a vector already narrows to 32 bytes.
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+template <typename scalar_t>
+constexpr bool kStoresPairs = !std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
+#else
+template <typename scalar_t>
+constexpr bool kStoresPairs = false;
+#endif
+
+// The 2 x vector size values at `data`, as two compute-type vectors.
+template <typename scalar_t>
+C10_ALWAYS_INLINE VecPair<scalar_t> load_pair(const scalar_t* data) {
+  VecPair<scalar_t> pair;
+  pair[0] = load_vec(data);
+  pair[1] = load_vec(data + OpVec<scalar_t>::size());
+  return pair;
+}
+
 #if defined(CPU_CAPABILITY_AVX512)
 using NarrowVec = __m256i;
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -311,6 +343,8 @@ template <typename T, typename scalar_t>
 T load_as(const scalar_t* data) {
   if constexpr (std::is_same_v<T, OpVec<scalar_t>>) {
     return load_vec(data);
+  } else if constexpr (IsVecPair<T>::value) {
+    return load_pair(data);
   } else {
     return static_cast<T>(*data);
   }
@@ -660,6 +694,11 @@ template <typename scalar_t, typename Body>
 C10_ALWAYS_INLINE void for_each_channel(int64_t begin, int64_t end, const Body& body) {
   using Vec = OpVec<scalar_t>;
   int64_t j = begin;
+  if constexpr (kStoresPairs<scalar_t>) {
+    for (; j + 2 * Vec::size() <= end; j += 2 * Vec::size()) {
+      body(j, VecPair<scalar_t>());
+    }
+  }
   for (; j + Vec::size() <= end; j += Vec::size()) {
     body(j, Vec());
   }
@@ -799,14 +838,15 @@ bool has_victim_l3() {
 #endif
 }
 
-// Whether `bytes` fit in the caches near the threads: their L2s, or on a CPU with a victim L3 a
-// quarter of that L3 if more. Eval does not stream an output that fits there with its input: it
-// would leave the cache for nothing (the next layer reads it). On 2 threads of Sapphire Rapids,
+// Whether `bytes` fit in the caches near the threads: their L2s, or on a CPU with a victim L3 half
+// of that L3 if more. Eval does not stream an output that fits there with its input: it would
+// leave the cache for nothing (the next layer reads it). On 2 threads of Sapphire Rapids,
 // 8x256x14x14 (1.6 MB) eval 0.047 -> 0.038 ms; on 1 thread, the input and output exceed one L2 and
 // streaming still gains (channels_last eval 0.125 -> 0.097 ms, above). On 2 threads of an AMD
 // EPYC (Zen 3, 32 MB of L3, 512 KB of L2 per core), ordinary stores took 0.58-0.88x the time of
-// streaming ones for eval outputs of 3.2 to 6.4 MB (8x128x28x28, 4096x256, 8x2048x7x7), and
-// 1.2-1.3x from 12.8 MB on (8x512x28x28 channels_last, 32x128x1000).
+// streaming ones for eval outputs of 3.2 to 4 MB (8x128x28x28, 4096x256, 8x2048x7x7), 0.57-0.79x
+// for 6.4 MB (8x64x56x56 and 8x256x28x28 float32, 8x512x28x28 channels_last bfloat16; a quarter
+// of the L3 streamed those), and 1.2-1.3x from 12.8 MB on (8x512x28x28 channels_last, 32x128x1000).
 // The training forward streams all the same: its backward, timed right after in the benchmark,
 // then finds its input and output gradient in cache (8x256x14x14 channels_last forward and
 // backward 0.35 ms with ordinary stores, 0.28 ms streamed, Sapphire Rapids).
@@ -814,7 +854,7 @@ bool fits_in_near_caches(int64_t bytes) {
   const CacheSizes& sizes = cache_sizes();
   int64_t near = sizes.l2 * at::get_num_threads();
   if (has_victim_l3()) {
-    near = std::max(near, sizes.l3 / 4);
+    near = std::max(near, sizes.l3 / 2);
   }
   return bytes <= near;
 }
@@ -827,7 +867,34 @@ constexpr uintptr_t kStoredVecBytes = OpVec<scalar_t>::size() * sizeof(scalar_t)
 // store_as, with a streaming store for a vector whose destination is aligned when `stream` is
 // set. A reduced type streams its converted half vector; two of them in a row fill one line.
 template <typename scalar_t, typename T>
+C10_ALWAYS_INLINE void store_output(scalar_t* data, const T& values, bool stream);
+
+// Two vectors' values at data (store_output of each, or for kStoresPairs one conversion and one
+// store, streaming when `stream` is set and the destination is aligned).
+template <typename scalar_t>
+C10_ALWAYS_INLINE void store_pair(scalar_t* data, const OpVec<scalar_t>& first, const OpVec<scalar_t>& second,
+                                  bool stream) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+  if constexpr (kStoresPairs<scalar_t>) {
+    const __m256i packed = at::vec::convert_from_float<scalar_t>(first, second);
+    if (stream && reinterpret_cast<uintptr_t>(data) % sizeof(__m256i) == 0) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(data), packed);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(data), packed);
+    }
+    return;
+  }
+#endif
+  store_output(data, first, stream);
+  store_output(data + OpVec<scalar_t>::size(), second, stream);
+}
+
+template <typename scalar_t, typename T>
 C10_ALWAYS_INLINE void store_output(scalar_t* data, const T& values, bool stream) {
+  if constexpr (IsVecPair<T>::value) {
+    store_pair(data, values[0], values[1], stream);
+    return;
+  } else {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, OpVec<scalar_t>>) {
     if (stream && reinterpret_cast<uintptr_t>(data) % kStoredVecBytes<scalar_t> == 0) {
@@ -850,6 +917,7 @@ C10_ALWAYS_INLINE void store_output(scalar_t* data, const T& values, bool stream
   }
 #endif
   store_as(data, values);
+  }
 }
 
 // at::parallel_for whose chunks each end by ordering the thread's streaming stores (they are
@@ -914,8 +982,19 @@ constexpr int64_t kLineValues = 64 / sizeof(scalar_t);
 template <typename scalar_t, typename Values>
 C10_ALWAYS_INLINE void map_run(scalar_t* out, int64_t n, bool stream, const Values& values) {
   constexpr int64_t kSize = OpVec<scalar_t>::size();
+  constexpr int64_t kStep = kStoresPairs<scalar_t> ? 2 * kSize : kSize;
   constexpr int64_t kLine = kLineValues<scalar_t>;
-  static_assert(kLine % kSize == 0);
+  static_assert(kLine % kStep == 0);
+  // The kStep values at out + i.
+  const auto store_step = [&](int64_t i, bool streamed) C10_ALWAYS_INLINE_ATTRIBUTE {
+    if constexpr (kStoresPairs<scalar_t>) {
+      store_pair(out + i, values(i, kSize), values(i + kSize, kSize), streamed);
+    } else if (streamed) {
+      store_output(out + i, values(i, kSize), /*stream=*/true);
+    } else {
+      store_vec(out + i, values(i, kSize));
+    }
+  };
   int64_t i = 0;
   if (stream) {
     const int64_t misalignment = reinterpret_cast<uintptr_t>(out) / sizeof(scalar_t) % kLine;
@@ -926,12 +1005,16 @@ C10_ALWAYS_INLINE void map_run(scalar_t* out, int64_t n, bool stream, const Valu
       store_vec(out + i, values(i, count), count);
       i += count;
     }
-    for (; i < streamed_end; i += kSize) {
-      store_output(out + i, values(i, kSize), /*stream=*/true);
+    for (; i < streamed_end; i += kStep) {
+      store_step(i, /*streamed=*/true);
     }
   }
-  for (; i + kSize <= n; i += kSize) {
+  for (; i + kStep <= n; i += kStep) {
+    store_step(i, /*streamed=*/false);
+  }
+  if (kStep > kSize && i + kSize <= n) {
     store_vec(out + i, values(i, kSize));
+    i += kSize;
   }
   if (i < n) {
     store_vec(out + i, values(i, n - i), n - i);
