@@ -742,11 +742,14 @@ constexpr int64_t kMinStreamedPlane = 256;
 // stream on their own. AVX2's vectors hold half as many values, so its lane picking costs twice as
 // much per value and its planes leave shorter tails: on 2 threads of an AMD EPYC (Zen 3), plane by
 // plane took 0.69-0.80x the time for eval of 14x14 planes (8x1024x14x14, 8x256x14x14), 0.83x for
-// 12x12, 0.91x for 8x8; memory order kept 7x7 planes 1.19-1.28x faster (8x512x7x7, 8x2048x7x7).
+// 12x12, 0.91x for 8x8. Once a plane's last values went out as an overlapping whole vector
+// (kOverlapTails), 7x7 and 6x6 planes gained too: 0.80-0.89x for 7x7 (8x512x7x7, 8x2048x7x7,
+// float32 and bfloat16), 0.85x float32 and 0.99x bfloat16 for 6x6 (32x256x6x6). Shorter planes
+// lost: 1.03-1.17x for 5x5, 1.6-1.8x for 3x3.
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int64_t kMinPlaneByPlane = kMinStreamedPlane;
 #else
-constexpr int64_t kMinPlaneByPlane = 64;
+constexpr int64_t kMinPlaneByPlane = 32;
 #endif
 
 // Whether an elementwise pass that needs no per-channel sums walks a planar tensor in blocks of
