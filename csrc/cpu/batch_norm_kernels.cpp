@@ -863,6 +863,12 @@ bool fits_in_near_caches(int64_t bytes) {
   return bytes <= near;
 }
 
+// Whether eval streams `output`, written as `layout` says (streams), when its input and it do not
+// fit in the caches near the threads together.
+bool eval_streams(const Tensor& output, const Layout& layout, bool in_memory_order = false) {
+  return streams(output, layout, in_memory_order) && !fits_in_near_caches(2 * static_cast<int64_t>(output.nbytes()));
+}
+
 // Bytes one vector of the compute type occupies once stored as scalar_t: what a streaming store
 // of it writes (half a cache line for bfloat16 and float16 with AVX-512, a whole one for float).
 template <typename scalar_t>
@@ -2155,8 +2161,7 @@ Tensor batch_norm_eval(const Tensor& input, const Tensor& running_mean, const Te
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_eval", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const bool in_memory_order = planes_in_memory_order(layout);
-    const bool stream =
-        streams(output, layout, in_memory_order) && !fits_in_near_caches(2 * static_cast<int64_t>(output.nbytes()));
+    const bool stream = eval_streams(output, layout, in_memory_order);
     // The coefficients of channels [c0, c0 + n) into affines[offset + j].
     const auto set_affines = [&](ChannelAffines<opmath_t>& affines, int64_t c0, int64_t n, int64_t offset) {
       for (int64_t b0 = 0; b0 < n; b0 += kParamBlock) {
@@ -2196,7 +2201,7 @@ Tensor batch_norm_eval(const Tensor& input, const Tensor& running_mean, const Te
     if (narrow_rows(layout)) {
       const Columns columns(layout);
       normalize_columns(x_data, y_data, columns, tile_affines(affines, columns),
-                        streams(output, columns.layout()) && !fits_in_near_caches(2 * static_cast<int64_t>(output.nbytes())),
+                        eval_streams(output, columns.layout()),
                         /*after_reduction=*/false);
     } else if (layout.rows) {
       normalize_all_rows(x_data, y_data, layout, affines, stream, /*after_reduction=*/false);
