@@ -229,6 +229,22 @@ C10_ALWAYS_INLINE VecPair<scalar_t> load_pair(const scalar_t* data) {
   return pair;
 }
 
+// Two vectors' values at `data` (kStoresPairs only): one conversion and one 32-byte store,
+// streaming when `stream` is set and the destination is aligned.
+template <typename scalar_t>
+C10_ALWAYS_INLINE void store_pair(scalar_t* data, const OpVec<scalar_t>& first, const OpVec<scalar_t>& second,
+                                  bool stream) {
+  static_assert(kStoresPairs<scalar_t>, "pairs are stored only where kStoresPairs");
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+  const __m256i packed = at::vec::convert_from_float<scalar_t>(first, second);
+  if (stream && reinterpret_cast<uintptr_t>(data) % sizeof(__m256i) == 0) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(data), packed);
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(data), packed);
+  }
+#endif
+}
+
 #if defined(CPU_CAPABILITY_AVX512)
 using NarrowVec = __m256i;
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -672,11 +688,13 @@ auto planar_channel_grad_sums(const scalar_t* dy, const scalar_t* x, const Layou
                              });
 }
 
-// Stores one value, or one vector of them, converted to scalar_t: load_as's counterpart.
+// Stores one value, or one vector or pair of them, converted to scalar_t: load_as's counterpart.
 template <typename scalar_t, typename T>
 void store_as(scalar_t* data, const T& values) {
   if constexpr (std::is_same_v<T, OpVec<scalar_t>>) {
     store_vec(data, values);
+  } else if constexpr (IsVecPair<T>::value) {
+    store_pair(data, values[0], values[1], /*stream=*/false);
   } else {
     *data = static_cast<scalar_t>(values);
   }
@@ -874,37 +892,15 @@ bool eval_streams(const Tensor& output, const Layout& layout, bool in_memory_ord
 template <typename scalar_t>
 constexpr uintptr_t kStoredVecBytes = OpVec<scalar_t>::size() * sizeof(scalar_t);
 
-// store_as, with a streaming store for a vector whose destination is aligned when `stream` is
-// set. A reduced type streams its converted half vector; two of them in a row fill one line.
-template <typename scalar_t, typename T>
-C10_ALWAYS_INLINE void store_output(scalar_t* data, const T& values, bool stream);
-
-// Two vectors' values at data (store_output of each, or for kStoresPairs one conversion and one
-// store, streaming when `stream` is set and the destination is aligned).
-template <typename scalar_t>
-C10_ALWAYS_INLINE void store_pair(scalar_t* data, const OpVec<scalar_t>& first, const OpVec<scalar_t>& second,
-                                  bool stream) {
-#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
-  if constexpr (kStoresPairs<scalar_t>) {
-    const __m256i packed = at::vec::convert_from_float<scalar_t>(first, second);
-    if (stream && reinterpret_cast<uintptr_t>(data) % sizeof(__m256i) == 0) {
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(data), packed);
-    } else {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(data), packed);
-    }
-    return;
-  }
-#endif
-  store_output(data, first, stream);
-  store_output(data + OpVec<scalar_t>::size(), second, stream);
-}
-
+// store_as, with a streaming store for a vector or pair whose destination is aligned when
+// `stream` is set. A reduced type streams its converted half vector; two of them in a row fill
+// one line.
 template <typename scalar_t, typename T>
 C10_ALWAYS_INLINE void store_output(scalar_t* data, const T& values, bool stream) {
   if constexpr (IsVecPair<T>::value) {
     store_pair(data, values[0], values[1], stream);
     return;
-  } else {
+  }
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, OpVec<scalar_t>>) {
     if (stream && reinterpret_cast<uintptr_t>(data) % kStoredVecBytes<scalar_t> == 0) {
@@ -927,7 +923,6 @@ C10_ALWAYS_INLINE void store_output(scalar_t* data, const T& values, bool stream
   }
 #endif
   store_as(data, values);
-  }
 }
 
 // at::parallel_for whose chunks each end by ordering the thread's streaming stores (they are
