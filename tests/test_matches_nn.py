@@ -125,6 +125,10 @@ LARGE_SHAPES = {
     # tasks of their own where the channels do not spread evenly over the threads
     "split_three_channels": (10, 3, 60, 70),
     "split_two_channels": (3, 2, 16, 96, 96),
+    # input and output gradient of over 16 MB together: float32 channels_last backward sums walk the
+    # rows in memory order on builds without AVX-512 (on AMD CPUs from half the L3 on, elsewhere past
+    # the L2s)
+    "rows_past_the_caches": (4, 256, 48, 48),
 }
 
 
