@@ -125,6 +125,11 @@ LARGE_SHAPES = {
     # tasks of their own where the channels do not spread evenly over the threads
     "split_three_channels": (10, 3, 60, 70),
     "split_two_channels": (3, 2, 16, 96, 96),
+    # planes under 64 values in a batch of at least as many images: read as Columns on builds
+    # without AVX-512, with a tail of columns past whole vectors (41 x 49), or wide rows of two
+    # images and one left over (24 x 9 values; 33 images)
+    "short_planes_large_batch": (64, 41, 7, 7),
+    "short_planes_leftover_image": (33, 24, 3, 3),
     # input and output gradient of over 16 MB together: float32 channels_last backward sums walk the
     # rows in memory order on builds without AVX-512 (on AMD CPUs from half the L3 on, elsewhere past
     # the L2s)

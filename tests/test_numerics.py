@@ -198,6 +198,7 @@ def test_statistics_stay_exact_when_the_first_values_are_outliers(shape, layout,
         ((20, 3, 40, 50), "channels_last"),
         ((6, 2, 50, 60), "contiguous"),  # planar runs as tasks of their own on 3 threads only
         ((3, 3, 16, 64, 64), "contiguous"),
+        ((64, 41, 7, 7), "contiguous"),  # short planes of a large batch, read as Columns on AVX2
         ((2048, 2100), "contiguous"),  # over 16 MB with its gradient: float32 backward sums in memory order
     ],
 )
