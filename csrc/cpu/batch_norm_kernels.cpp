@@ -1756,10 +1756,10 @@ constexpr int64_t kMinColumns = 64;
 // Sums then run down the columns in whole vectors (rows_moments, rows_grad_sums) and the columns
 // of each channel are merged. A planar tensor with planes shorter than a vector is read so, as are
 // short planes of a large batch (planes_as_columns); channel by channel each plane would be a few
-// values summed one at a time (on 2 threads: (64, 256, 2, 2) statistics 34 -> 12 us, (128, 64, 3,
-// 3) 28 -> 14 us with AVX-512). So is a
-// rows tensor whose rows are not whole vectors (narrow_rows): row by row, each row's tail went one
-// value at a time (16x3x224x224 channels_last eval 1.45 -> 0.37 ms on 2 threads).
+// values summed one at a time (on 2 threads with AVX-512: (64, 256, 2, 2) statistics 34 -> 12 us,
+// (128, 64, 3, 3) 28 -> 14 us). So is a rows tensor whose rows are not whole vectors (narrow_rows):
+// row by row, each row's tail went one value at a time (16x3x224x224 channels_last eval 1.45 ->
+// 0.37 ms on 2 threads).
 struct Columns {
   int64_t channels;
   int64_t inner;
