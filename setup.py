@@ -2,6 +2,7 @@
 import glob
 import os
 import subprocess
+import sys
 
 import torch
 from setuptools import find_packages, setup
@@ -37,6 +38,16 @@ def build_cuda():
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def shared_libstdcxx_args():
+    """Link flags that keep libstdc++ shared: libstdc++.so.6 named first, so that no static copy
+    of it can end up in the extension. On the project's H100 machine (torch 2.11+cu130, gcc 13)
+    the CUDA build's _C had no libstdc++.so.6 among its needed libraries and 136 std::locale
+    symbols of its own: a second C++ runtime beside torch's, with an uninitialized locale, and the
+    first number written into an error message crashed the process. Both `-static-libstdc++` and a
+    library folder holding only libstdc++.a give that here too; this flag undoes both."""
+    return ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
+
+
 capability = simd_capability(CPU_ARCH)
 # C++20 whatever the torch version's default (torch adds its own -std only when none is given).
 # -fno-math-errno: std::sqrt need not set errno (nothing reads it), so per-channel loops vectorize.
@@ -62,7 +73,7 @@ setup(
             "bnext._C",
             sources,
             extra_compile_args=compile_args,
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-fopenmp", *shared_libstdcxx_args()],
             py_limited_api=True,
         )
     ],

@@ -29,8 +29,9 @@
 #include <array>
 #include <bit>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <exception>
-#include <fstream>
 #include <memory>
 #include <numeric>
 #include <optional>
@@ -827,31 +828,41 @@ struct CacheSizes {
 
 // A sysfs cache size ("512K", "32768K", "2M") in bytes, or 0.
 int64_t parse_cache_size(const std::string& text) {
-  std::size_t end = 0;
-  int64_t value = 0;
-  try {
-    value = std::stoll(text, &end);
-  } catch (const std::exception&) {
+  char* end = nullptr;
+  const int64_t value = std::strtoll(text.c_str(), &end, 10);
+  if (end == text.c_str() || value < 0) {
     return 0;
   }
-  const char unit = end < text.size() ? text[end] : ' ';
+  const char unit = *end;
   return unit == 'K' ? value << 10 : unit == 'M' ? value << 20 : unit == 'G' ? value << 30 : value;
+}
+
+// The first word of a sysfs file, or "" where it cannot be read. C stdio, which needs no C++
+// locale: reading an int through std::ifstream crashed where libstdc++ had been linked statically
+// into the extension (see setup.py).
+std::string read_word(const std::string& path) {
+  std::FILE* file = std::fopen(path.c_str(), "r");
+  if (file == nullptr) {
+    return "";
+  }
+  char word[64] = {};
+  const bool read = std::fscanf(file, "%63s", word) == 1;
+  std::fclose(file);
+  return read ? word : "";
 }
 
 CacheSizes read_cache_sizes() {
   CacheSizes sizes;
   for (int index = 0; index < 8; ++index) {
     const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
-    std::ifstream level_file(dir + "level"), type_file(dir + "type"), size_file(dir + "size");
-    int level = 0;
-    std::string type, size;
-    if (!(level_file >> level) || !(type_file >> type) || !(size_file >> size) || type == "Instruction") {
+    const std::string level = read_word(dir + "level"), type = read_word(dir + "type");
+    if (type.empty() || type == "Instruction") {
       continue;
     }
-    const int64_t bytes = parse_cache_size(size);
-    if (level == 2 && bytes > 0) {
+    const int64_t bytes = parse_cache_size(read_word(dir + "size"));
+    if (level == "2" && bytes > 0) {
       sizes.l2 = bytes;
-    } else if (level == 3 && bytes > 0) {
+    } else if (level == "3" && bytes > 0) {
       sizes.l3 = bytes;
     }
   }
