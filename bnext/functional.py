@@ -15,6 +15,9 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         return batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
     if running_mean is not None and momentum is None and num_batches_tracked is None:
         raise TypeError("bnext batch_norm: momentum=None (cumulative average) needs num_batches_tracked")
+    for name, buffer in (("running_mean", running_mean), ("running_var", running_var)):
+        if buffer is not None and buffer.device != input.device:  # before any kernel runs: no state changes
+            raise RuntimeError(f"bnext batch_norm: {name} is on {buffer.device} but input is on {input.device}")
     output, save_mean, save_invstd = batch_norm_train(input, weight, bias, eps)
     if running_mean is not None:
         count = input.numel() // input.shape[1] if input.shape[1] else 0

@@ -1,5 +1,6 @@
 """Shared test helpers: the torch reference twins and tolerances."""
 import contextlib
+import inspect
 
 import pytest
 import torch
@@ -12,6 +13,12 @@ DEVICES = [
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
 ]
+
+# nn.BatchNorm's bias=False keyword is recent: torch 2.11 (the GPU machine's) has none.
+NN_HAS_BIAS_KEYWORD = "bias" in inspect.signature(nn.BatchNorm2d.__init__).parameters
+requires_bias_keyword = pytest.mark.skipif(
+    not NN_HAS_BIAS_KEYWORD, reason=f"torch {torch.__version__}'s nn.BatchNorm has no bias keyword"
+)
 
 NN_CLASSES = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 BNEXT_CLASSES = {2: bnext.BatchNorm1d, 3: bnext.BatchNorm1d, 4: bnext.BatchNorm2d, 5: bnext.BatchNorm3d}

@@ -59,7 +59,7 @@ def test_mismatched_devices():
     assert_same_state(before, state_of(candidate))
     with pytest.raises(RuntimeError, match="weight is on meta but input is on cpu"):
         bnext.batch_norm(torch.randn(2, 3), None, None, torch.ones(3, device="meta"), training=True)
-    with pytest.raises(RuntimeError, match="running_mean is on meta but save_mean is on cpu"):
+    with pytest.raises(RuntimeError, match="running_mean is on meta but input is on cpu"):
         bnext.batch_norm(torch.randn(2, 3), torch.zeros(3, device="meta"), torch.ones(3), training=True)
 
 

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from helpers import BNEXT_CLASSES, DEVICES, assert_close, make_input, module_pair
+from helpers import BNEXT_CLASSES, DEVICES, assert_close, make_input, module_pair, requires_bias_keyword
 
 SHAPES = {2: (8, 5), 3: (4, 5, 7), 4: (3, 5, 4, 6), 5: (2, 5, 3, 4, 3)}
 # (input dtype, parameter and running-stat dtype): reduced precision also in torch's mixed mode.
@@ -18,7 +18,11 @@ DTYPES = [
     (torch.float16, torch.float32),
 ]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
-AFFINE = [dict(affine=True), dict(affine=False), dict(affine=True, bias=False)]
+AFFINE = [
+    pytest.param(dict(affine=True), id="affine"),
+    pytest.param(dict(affine=False), id="no_affine"),
+    pytest.param(dict(affine=True, bias=False), id="no_bias", marks=requires_bias_keyword),
+]
 MOMENTA = [0.1, None, 1.0]
 
 
@@ -62,7 +66,7 @@ def _step(reference, candidate, x, dtype, msg):
 
 @pytest.mark.parametrize("momentum", MOMENTA)
 @pytest.mark.parametrize("track_running_stats", [True, False])
-@pytest.mark.parametrize("affine", AFFINE, ids=["affine", "no_affine", "no_bias"])
+@pytest.mark.parametrize("affine", AFFINE)
 @pytest.mark.parametrize("dtype,param_dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("rank,layout", list(_cases()))
 @pytest.mark.parametrize("device", DEVICES)
@@ -181,6 +185,7 @@ def test_large_reduced_precision_inputs_as_accurate_as_nn(device, dtype, layout,
     _assert_as_accurate_as_nn(device, LARGE_SHAPES[name], layout, dtype)
 
 
+@requires_bias_keyword
 def test_modules_are_nn_subclasses_with_nn_constructor():
     for rank, cls in BNEXT_CLASSES.items():
         module = cls(4, eps=1e-3, momentum=None, affine=True, track_running_stats=True, bias=False)

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import bnext
-from helpers import DEVICES
+from helpers import DEVICES, NN_HAS_BIAS_KEYWORD
 
 
 def small_cnn(momentum=0.1):
@@ -16,7 +16,7 @@ def small_cnn(momentum=0.1):
         nn.BatchNorm2d(8, momentum=momentum),
         nn.ReLU(),
         nn.Conv2d(8, 8, 3, padding=1),
-        nn.BatchNorm2d(8, momentum=None, bias=False),
+        nn.BatchNorm2d(8, momentum=None, **({"bias": False} if NN_HAS_BIAS_KEYWORD else {})),
         nn.ReLU(),
         nn.Flatten(),
         nn.Linear(8 * 6 * 6, 16),

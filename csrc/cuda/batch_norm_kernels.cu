@@ -6,6 +6,10 @@
 // for 32 channels (rows), merging per-thread Welford moments by warp shuffles and shared memory;
 // a small kernel then merges the slices of each channel in order (Chan) and computes the
 // per-channel coefficients the elementwise pass uses. Nothing reads a value back to the host.
+// Each thread accumulates its few dozen values in the compute type (float for float32 and the
+// 16-bit types); every merge after that (threads, warps, slices) is in float64, as on the CPU.
+// Merging up to 1024 slices in float gave weight and bias gradients 2-10x torch's error on the
+// H100 (and means off by more than float32 rounding for data of mean 1e5).
 #include "../batch_norm_checks.h"
 #include "../batch_norm_layout.h"
 #include "../batch_norm_math.h"
@@ -25,6 +29,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 namespace bnext::cuda {
 namespace {
@@ -57,6 +62,20 @@ template <typename acc_t>
 __device__ GradSums<acc_t> combine(const GradSums<acc_t>& a, const GradSums<acc_t>& b) {
   return {a.dy + b.dy, a.dy_xmu + b.dy_xmu};
 }
+
+// A thread's state in float64, the type of every merge.
+template <typename acc_t>
+__device__ Moments<double> widen(const Moments<acc_t>& m) {
+  return {static_cast<double>(m.count), static_cast<double>(m.mean), static_cast<double>(m.m2)};
+}
+
+template <typename acc_t>
+__device__ GradSums<double> widen(const GradSums<acc_t>& s) {
+  return {static_cast<double>(s.dy), static_cast<double>(s.dy_xmu)};
+}
+
+template <typename State>
+using Wide = decltype(widen(std::declval<State>()));
 
 template <typename acc_t>
 __device__ Moments<acc_t> shuffle_down(const Moments<acc_t>& m, int offset) {
@@ -140,7 +159,7 @@ struct GradSumsOf {
 // Planar: block (c, split) reduces a slice of channel c's batch * inner values.
 template <typename State, typename Source>
 __global__ void planar_partials(Source source, int64_t channels, int64_t inner, int64_t per_channel,
-                                int64_t splits, State* partials) {
+                                int64_t splits, Wide<State>* partials) {
   const int64_t c = blockIdx.x;
   const int64_t split = blockIdx.y;
   const Slice slice = slice_of(per_channel, split, splits);
@@ -149,15 +168,16 @@ __global__ void planar_partials(Source source, int64_t channels, int64_t inner, 
     const int64_t n = k / inner;
     source.add(state, (n * channels + c) * inner + (k - n * inner), c);
   }
-  state = block_combine(state);
+  const Wide<State> merged = block_combine(widen(state));
   if (threadIdx.x == 0) {
-    partials[c * splits + split] = state;
+    partials[c * splits + split] = merged;
   }
 }
 
 // Rows: block (channel group, split) reduces a band of rows for kWarp channels.
 template <typename State, typename Source>
-__global__ void rows_partials(Source source, int64_t channels, int64_t num_rows, int64_t splits, State* partials) {
+__global__ void rows_partials(Source source, int64_t channels, int64_t num_rows, int64_t splits,
+                              Wide<State>* partials) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarp + threadIdx.x;
   const int64_t split = blockIdx.y;
   const Slice slice = slice_of(num_rows, split, splits);
@@ -167,9 +187,9 @@ __global__ void rows_partials(Source source, int64_t channels, int64_t num_rows,
       source.add(state, r * channels + c, c);
     }
   }
-  state = column_combine(state);
+  const Wide<State> merged = column_combine(widen(state));
   if (threadIdx.y == 0 && c < channels) {
-    partials[c * splits + split] = state;
+    partials[c * splits + split] = merged;
   }
 }
 
@@ -180,9 +200,9 @@ int64_t num_splits(const Layout& layout) {
   return std::clamp<int64_t>((layout.num_rows + values_per_block - 1) / values_per_block, 1, kMaxSplits);
 }
 
-// Per-channel partial states of `source` over the whole tensor: [channels][splits].
+// Per-channel partial states of `source` over the whole tensor, in float64: [channels][splits].
 template <typename State, typename Source>
-void launch_partials(const Layout& layout, const Source& source, int64_t splits, State* partials,
+void launch_partials(const Layout& layout, const Source& source, int64_t splits, Wide<State>* partials,
                      cudaStream_t stream) {
   if (layout.rows) {
     const dim3 grid((layout.channels + kWarp - 1) / kWarp, splits);
@@ -199,9 +219,8 @@ void launch_partials(const Layout& layout, const Source& source, int64_t splits,
 }
 
 // Channel c's partial moments, merged in order.
-template <typename acc_t>
-__device__ Moments<acc_t> merged_moments(const Moments<acc_t>* partials, int64_t c, int64_t splits) {
-  Moments<acc_t> moments;
+__device__ Moments<double> merged_moments(const Moments<double>* partials, int64_t c, int64_t splits) {
+  Moments<double> moments;
   for (int64_t split = 0; split < splits; ++split) {
     moments = merge(moments, partials[c * splits + split]);
   }
@@ -210,32 +229,33 @@ __device__ Moments<acc_t> merged_moments(const Moments<acc_t>* partials, int64_t
 
 // Per-channel mean and biased variance from the partial moments (no normalize).
 template <typename acc_t>
-__global__ void finish_stats(const Moments<acc_t>* partials, int64_t channels, int64_t splits, acc_t* mean,
+__global__ void finish_stats(const Moments<double>* partials, int64_t channels, int64_t splits, acc_t* mean,
                              acc_t* var) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= channels) {
     return;
   }
-  const Moments<acc_t> moments = merged_moments(partials, c, splits);
-  mean[c] = moments.mean;
-  var[c] = moments.m2 / moments.count;
+  const Moments<double> moments = merged_moments(partials, c, splits);
+  mean[c] = static_cast<acc_t>(moments.mean);
+  var[c] = static_cast<acc_t>(moments.m2 / moments.count);
 }
 
 // Merges each channel's partial moments in order; writes the saved statistics and the
 // normalize coefficients [center | scale | shift].
 template <typename acc_t>
-__global__ void finish_moments(const Moments<acc_t>* partials, int64_t channels, int64_t splits, acc_t eps,
+__global__ void finish_moments(const Moments<double>* partials, int64_t channels, int64_t splits, double eps,
                                const acc_t* weight, const acc_t* bias, acc_t* save_mean, acc_t* save_invstd,
                                acc_t* affine) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= channels) {
     return;
   }
-  const Moments<acc_t> moments = merged_moments(partials, c, splits);
-  const acc_t invstd = inverse_std(moments.m2 / moments.count, eps);
-  save_mean[c] = moments.mean;
+  const Moments<double> moments = merged_moments(partials, c, splits);
+  const acc_t mean = static_cast<acc_t>(moments.mean);
+  const acc_t invstd = static_cast<acc_t>(inverse_std(moments.m2 / moments.count, eps));
+  save_mean[c] = mean;
   save_invstd[c] = invstd;
-  const Affine<acc_t> a = normalize_affine<acc_t>(moments.mean, invstd, weight ? weight[c] : acc_t(1),
+  const Affine<acc_t> a = normalize_affine<acc_t>(mean, invstd, weight ? weight[c] : acc_t(1),
                                                   bias ? bias[c] : acc_t(0));
   affine[c] = a.center;
   affine[channels + c] = a.scale;
@@ -260,21 +280,23 @@ __global__ void running_affine(const acc_t* running_mean, const acc_t* running_v
 // Merges each channel's gradient sums; writes grad_weight, grad_bias and the input-gradient
 // coefficients [dy_scale | xmu_scale | shift].
 template <typename acc_t>
-__global__ void finish_grad_sums(const GradSums<acc_t>* partials, int64_t channels, int64_t splits, acc_t count,
+__global__ void finish_grad_sums(const GradSums<double>* partials, int64_t channels, int64_t splits, acc_t count,
                                  bool training, const acc_t* weight, const acc_t* invstd, acc_t* grad_weight,
                                  acc_t* grad_bias, acc_t* coefficients) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= channels) {
     return;
   }
-  GradSums<acc_t> sums;
+  GradSums<double> sums;
   for (int64_t split = 0; split < splits; ++split) {
     sums = combine(sums, partials[c * splits + split]);
   }
-  grad_weight[c] = sums.dy_xmu * invstd[c];
-  grad_bias[c] = sums.dy;
+  const acc_t sum_dy = static_cast<acc_t>(sums.dy);
+  const acc_t sum_dy_xmu = static_cast<acc_t>(sums.dy_xmu);
+  grad_weight[c] = static_cast<acc_t>(sums.dy_xmu * static_cast<double>(invstd[c]));
+  grad_bias[c] = sum_dy;
   const InputGradient<acc_t> g =
-      input_gradient(invstd[c], weight ? weight[c] : acc_t(1), sums.dy, sums.dy_xmu, count, training);
+      input_gradient(invstd[c], weight ? weight[c] : acc_t(1), sum_dy, sum_dy_xmu, count, training);
   coefficients[c] = g.dy_scale;
   coefficients[channels + c] = g.xmu_scale;
   coefficients[2 * channels + c] = g.shift;
@@ -395,12 +417,13 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_train_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
-    Tensor partials = at::empty({layout.channels * splits * 3}, input.options().dtype(stats_dtype));
+    Tensor partials = at::empty({layout.channels * splits * 3}, input.options().dtype(at::kDouble));
     Tensor affine = at::empty({3 * layout.channels}, input.options().dtype(stats_dtype));
-    auto* moments = reinterpret_cast<Moments<acc_t>*>(partials.mutable_data_ptr<acc_t>());
-    launch_partials(layout, MomentsOf<scalar_t, acc_t>{x.const_data_ptr<scalar_t>()}, splits, moments, stream);
+    auto* moments = reinterpret_cast<Moments<double>*>(partials.mutable_data_ptr<double>());
+    launch_partials<Moments<acc_t>>(layout, MomentsOf<scalar_t, acc_t>{x.const_data_ptr<scalar_t>()}, splits,
+                                    moments, stream);
     finish_moments<acc_t><<<channel_blocks(layout.channels), kThreads, 0, stream>>>(
-        moments, layout.channels, splits, static_cast<acc_t>(eps), data_or_null<acc_t>(weight_values),
+        moments, layout.channels, splits, eps, data_or_null<acc_t>(weight_values),
         data_or_null<acc_t>(bias_values), save_mean.mutable_data_ptr<acc_t>(), save_invstd.mutable_data_ptr<acc_t>(),
         affine.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -424,9 +447,10 @@ std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_stats_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
-    Tensor partials = at::empty({layout.channels * splits * 3}, input.options().dtype(stats_dtype));
-    auto* moments = reinterpret_cast<Moments<acc_t>*>(partials.mutable_data_ptr<acc_t>());
-    launch_partials(layout, MomentsOf<scalar_t, acc_t>{x.const_data_ptr<scalar_t>()}, splits, moments, stream);
+    Tensor partials = at::empty({layout.channels * splits * 3}, input.options().dtype(at::kDouble));
+    auto* moments = reinterpret_cast<Moments<double>*>(partials.mutable_data_ptr<double>());
+    launch_partials<Moments<acc_t>>(layout, MomentsOf<scalar_t, acc_t>{x.const_data_ptr<scalar_t>()}, splits,
+                                    moments, stream);
     finish_stats<acc_t><<<channel_blocks(layout.channels), kThreads, 0, stream>>>(
         moments, layout.channels, splits, mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -488,12 +512,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_backward_cuda", [&] {
       using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
-      Tensor partials = at::empty({layout.channels * splits * 2}, input.options().dtype(stats_dtype));
+      Tensor partials = at::empty({layout.channels * splits * 2}, input.options().dtype(at::kDouble));
       Tensor coefficients = at::empty({3 * layout.channels}, input.options().dtype(stats_dtype));
-      auto* sums = reinterpret_cast<GradSums<acc_t>*>(partials.mutable_data_ptr<acc_t>());
+      auto* sums = reinterpret_cast<GradSums<double>*>(partials.mutable_data_ptr<double>());
       const GradSumsOf<scalar_t, acc_t> source{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                                mean_values.const_data_ptr<acc_t>()};
-      launch_partials(layout, source, splits, sums, stream);
+      launch_partials<GradSums<acc_t>>(layout, source, splits, sums, stream);
       finish_grad_sums<acc_t><<<channel_blocks(layout.channels), kThreads, 0, stream>>>(
           sums, layout.channels, splits, static_cast<acc_t>(layout.num_rows), training,
           data_or_null<acc_t>(weight_values), invstd_values.const_data_ptr<acc_t>(),
