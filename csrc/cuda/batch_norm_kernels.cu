@@ -3,13 +3,14 @@
 //
 // Reductions split each channel over many blocks, so that a layer with few channels and many
 // values still fills the GPU: each block reduces a slice of one channel (planar) or a band of rows
-// for 32 channels (rows), merging per-thread Welford moments by warp shuffles and shared memory;
-// a small kernel then merges the slices of each channel in order (Chan) and computes the
-// per-channel coefficients the elementwise pass uses. Nothing reads a value back to the host.
-// Each thread accumulates its few dozen values in the compute type (float for float32 and the
-// 16-bit types); every merge after that (threads, warps, slices) is in float64, as on the CPU.
-// Merging up to 1024 slices in float gave weight and bias gradients 2-10x torch's error on the
-// H100 (and means off by more than float32 rounding for data of mean 1e5).
+// for 32 channels (rows), merging per-thread moments by warp shuffles and shared memory; a small
+// kernel then merges the slices of each channel in order (Chan) and computes the per-channel
+// coefficients the elementwise pass uses. Nothing reads a value back to the host.
+// Everything before the elementwise pass is in float64: each thread's sums (of d = x - shift and
+// d^2 for the statistics, shift being the channel's first value; of dy and dy * (x - mean) for the
+// gradients) and every merge after them. A GPU's float64 adds are far faster than a memory-bound
+// pass needs. In float, merging up to 1024 slices gave weight and bias gradients 2-10x torch's
+// error on the H100, and per-thread float sums over 64 values still 2-3x.
 #include "../batch_norm_checks.h"
 #include "../batch_norm_layout.h"
 #include "../batch_norm_math.h"
@@ -63,15 +64,24 @@ __device__ GradSums<acc_t> combine(const GradSums<acc_t>& a, const GradSums<acc_
   return {a.dy + b.dy, a.dy_xmu + b.dy_xmu};
 }
 
-// A thread's state in float64, the type of every merge.
-template <typename acc_t>
-__device__ Moments<double> widen(const Moments<acc_t>& m) {
-  return {static_cast<double>(m.count), static_cast<double>(m.mean), static_cast<double>(m.m2)};
+// A thread's statistics: its count, the shift, and the sums of d = x - shift and of d^2.
+struct ShiftedSums {
+  double count = 0;
+  double shift = 0;
+  double sum = 0;
+  double sum_sq = 0;
+};
+
+// A thread's state as the state the merges combine.
+__device__ Moments<double> widen(const ShiftedSums& s) {
+  if (s.count == 0) {
+    return {};  // no values (a thread past the end of its slice): the merges skip it
+  }
+  return moments_from_shifted_sums(s.count, s.shift, s.sum, s.sum_sq);
 }
 
-template <typename acc_t>
-__device__ GradSums<double> widen(const GradSums<acc_t>& s) {
-  return {static_cast<double>(s.dy), static_cast<double>(s.dy_xmu)};
+__device__ GradSums<double> widen(const GradSums<double>& s) {
+  return s;
 }
 
 template <typename State>
@@ -135,12 +145,22 @@ __device__ Slice slice_of(int64_t total, int64_t split, int64_t splits) {
   return {split * size, std::min(total, (split + 1) * size)};
 }
 
-// Per-value state update: a Welford step for the statistics, two sums for the gradients.
+// What a thread sums, in float64: start(c) is its state before any value of channel c, add()
+// adds one value. The statistics' shift is channel c's first value, x[c * shift_stride].
 template <typename scalar_t, typename acc_t>
 struct MomentsOf {
   const scalar_t* x;
-  __device__ void add(Moments<acc_t>& state, int64_t index, int64_t) const {
-    add_value(state, static_cast<acc_t>(x[index]));
+  int64_t shift_stride;
+  __device__ ShiftedSums start(int64_t c) const {
+    ShiftedSums state;
+    state.shift = static_cast<double>(static_cast<acc_t>(x[c * shift_stride]));
+    return state;
+  }
+  __device__ void add(ShiftedSums& state, int64_t index, int64_t) const {
+    const double d = static_cast<double>(static_cast<acc_t>(x[index])) - state.shift;
+    state.count += 1;
+    state.sum += d;
+    state.sum_sq += d * d;
   }
 };
 
@@ -149,10 +169,13 @@ struct GradSumsOf {
   const scalar_t* dy;
   const scalar_t* x;
   const acc_t* mean;
-  __device__ void add(GradSums<acc_t>& state, int64_t index, int64_t c) const {
-    const acc_t g = static_cast<acc_t>(dy[index]);
+  __device__ GradSums<double> start(int64_t) const {
+    return {};
+  }
+  __device__ void add(GradSums<double>& state, int64_t index, int64_t c) const {
+    const double g = static_cast<double>(static_cast<acc_t>(dy[index]));
     state.dy += g;
-    state.dy_xmu += g * (static_cast<acc_t>(x[index]) - mean[c]);
+    state.dy_xmu += g * (static_cast<double>(static_cast<acc_t>(x[index])) - static_cast<double>(mean[c]));
   }
 };
 
@@ -163,7 +186,7 @@ __global__ void planar_partials(Source source, int64_t channels, int64_t inner, 
   const int64_t c = blockIdx.x;
   const int64_t split = blockIdx.y;
   const Slice slice = slice_of(per_channel, split, splits);
-  State state{};
+  State state = source.start(c);
   for (int64_t k = slice.begin + threadIdx.x; k < slice.end; k += kThreads) {
     const int64_t n = k / inner;
     source.add(state, (n * channels + c) * inner + (k - n * inner), c);
@@ -183,6 +206,7 @@ __global__ void rows_partials(Source source, int64_t channels, int64_t num_rows,
   const Slice slice = slice_of(num_rows, split, splits);
   State state{};
   if (c < channels) {
+    state = source.start(c);
     for (int64_t r = slice.begin + threadIdx.y; r < slice.end; r += kRowLanes) {
       source.add(state, r * channels + c, c);
     }
@@ -191,6 +215,11 @@ __global__ void rows_partials(Source source, int64_t channels, int64_t num_rows,
   if (threadIdx.y == 0 && c < channels) {
     partials[c * splits + split] = merged;
   }
+}
+
+// Channel c's first value is at c * shift_stride: the start of its first plane, or row 0.
+int64_t shift_stride(const Layout& layout) {
+  return layout.rows ? 1 : layout.inner;
 }
 
 // How many blocks each channel's reduction is split into: a function of the shape only, so
@@ -420,8 +449,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
     Tensor partials = at::empty({layout.channels * splits * 3}, input.options().dtype(at::kDouble));
     Tensor affine = at::empty({3 * layout.channels}, input.options().dtype(stats_dtype));
     auto* moments = reinterpret_cast<Moments<double>*>(partials.mutable_data_ptr<double>());
-    launch_partials<Moments<acc_t>>(layout, MomentsOf<scalar_t, acc_t>{x.const_data_ptr<scalar_t>()}, splits,
-                                    moments, stream);
+    const MomentsOf<scalar_t, acc_t> source{x.const_data_ptr<scalar_t>(), shift_stride(layout)};
+    launch_partials<ShiftedSums>(layout, source, splits, moments, stream);
     finish_moments<acc_t><<<channel_blocks(layout.channels), kThreads, 0, stream>>>(
         moments, layout.channels, splits, eps, data_or_null<acc_t>(weight_values),
         data_or_null<acc_t>(bias_values), save_mean.mutable_data_ptr<acc_t>(), save_invstd.mutable_data_ptr<acc_t>(),
@@ -449,8 +478,8 @@ std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
     Tensor partials = at::empty({layout.channels * splits * 3}, input.options().dtype(at::kDouble));
     auto* moments = reinterpret_cast<Moments<double>*>(partials.mutable_data_ptr<double>());
-    launch_partials<Moments<acc_t>>(layout, MomentsOf<scalar_t, acc_t>{x.const_data_ptr<scalar_t>()}, splits,
-                                    moments, stream);
+    const MomentsOf<scalar_t, acc_t> source{x.const_data_ptr<scalar_t>(), shift_stride(layout)};
+    launch_partials<ShiftedSums>(layout, source, splits, moments, stream);
     finish_stats<acc_t><<<channel_blocks(layout.channels), kThreads, 0, stream>>>(
         moments, layout.channels, splits, mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -517,7 +546,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
       auto* sums = reinterpret_cast<GradSums<double>*>(partials.mutable_data_ptr<double>());
       const GradSumsOf<scalar_t, acc_t> source{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                                mean_values.const_data_ptr<acc_t>()};
-      launch_partials<GradSums<acc_t>>(layout, source, splits, sums, stream);
+      launch_partials<GradSums<double>>(layout, source, splits, sums, stream);
       finish_grad_sums<acc_t><<<channel_blocks(layout.channels), kThreads, 0, stream>>>(
           sums, layout.channels, splits, static_cast<acc_t>(layout.num_rows), training,
           data_or_null<acc_t>(weight_values), invstd_values.const_data_ptr<acc_t>(),
