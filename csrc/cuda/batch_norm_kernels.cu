@@ -27,6 +27,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -347,37 +349,146 @@ __global__ void given_sums_coefficients(const acc_t* sum_dy, const acc_t* sum_dy
   coefficients[2 * channels + c] = g.shift;
 }
 
-__device__ int64_t channel_of(int64_t index, int64_t channels, int64_t inner) {
-  return (index / inner) % channels;
-}
+// Division by a fixed divisor without a divide instruction (Granlund and Montgomery's round-up
+// magic number): exact for every 32-bit numerator, as an exhaustive host check of the formula
+// over many divisors showed.
+struct Divider {
+  uint32_t divisor = 1;
+  uint32_t magic = 1;
+  uint32_t shift = 0;
 
-// y = (x - center) * scale + shift, channel by channel.
-template <typename scalar_t, typename acc_t>
-__global__ void normalize(const scalar_t* x, scalar_t* y, int64_t numel, int64_t channels, int64_t inner,
-                          const acc_t* affine) {
-  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < numel;
-       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = channel_of(k, channels, inner);
-    y[k] = static_cast<scalar_t>((static_cast<acc_t>(x[k]) - affine[c]) * affine[channels + c] +
-                                 affine[2 * channels + c]);
-  }
-}
-
-// dx = dy * dy_scale + (x - mean) * xmu_scale + shift, channel by channel. Eval (running
-// statistics are constants) is dx = dy * dy_scale and never reads x, so a non-finite x cannot leak.
-template <bool kTraining, typename scalar_t, typename acc_t>
-__global__ void input_grad(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t numel, int64_t channels,
-                           int64_t inner, const acc_t* mean, const acc_t* coefficients) {
-  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < numel;
-       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = channel_of(k, channels, inner);
-    acc_t value = static_cast<acc_t>(dy[k]) * coefficients[c];
-    if constexpr (kTraining) {
-      const acc_t xmu = static_cast<acc_t>(x[k]) - mean[c];
-      value += xmu * coefficients[channels + c] + coefficients[2 * channels + c];
+  Divider() = default;
+  explicit Divider(uint32_t d) : divisor(d) {
+    while ((uint64_t(1) << shift) < d) {
+      ++shift;
     }
-    dx[k] = static_cast<scalar_t>(value);
+    magic = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << shift) - d)) / d + 1);
   }
+  __device__ uint32_t quotient(uint32_t n) const {
+    return static_cast<uint32_t>((static_cast<uint64_t>(__umulhi(n, magic)) + n) >> shift);
+  }
+};
+
+// The elementwise passes read and write packs of V values: 16 bytes (V = 16 / sizeof(scalar_t))
+// where the layout allows, else single values (V = 1).
+template <typename scalar_t, int V>
+struct alignas(sizeof(scalar_t) * V) Pack {
+  scalar_t values[V];
+};
+
+template <typename scalar_t>
+constexpr int kPackWidth = 16 / static_cast<int>(sizeof(scalar_t));
+
+// The channel of the first value of pack p. Planar packs lie inside one plane, so all their values
+// have that channel; rows packs hold V consecutive channels. Pack indices under 2^32 divide by
+// multiplication, larger ones in 64 bits.
+struct PackChannels {
+  bool rows = false;
+  int64_t width = 1;          // V
+  int64_t channels = 1;
+  int64_t inner_packs = 1;    // planar: packs per plane
+  int64_t channel_packs = 1;  // rows: packs per row
+  bool small = false;         // every pack index fits in 32 bits
+  Divider by_inner;
+  Divider by_channels;
+  Divider by_channel_packs;
+
+  __device__ int64_t first_channel(int64_t p) const {
+    if (rows) {
+      if (small) {
+        const uint32_t n = static_cast<uint32_t>(p);
+        return static_cast<int64_t>(n - by_channel_packs.quotient(n) * by_channel_packs.divisor) * width;
+      }
+      return (p % channel_packs) * width;
+    }
+    if (small) {
+      const uint32_t plane = by_inner.quotient(static_cast<uint32_t>(p));
+      return static_cast<int64_t>(plane - by_channels.quotient(plane) * by_channels.divisor);
+    }
+    return (p / inner_packs) % channels;
+  }
+};
+
+// How a tensor of `layout` is walked in packs of `width` values; `width` must divide the plane
+// (planar) or the channel count (rows).
+PackChannels pack_channels(const Layout& layout, int64_t numel, int64_t width) {
+  PackChannels where;
+  where.rows = layout.rows;
+  where.width = width;
+  where.channels = layout.channels;
+  where.inner_packs = layout.rows ? 1 : layout.inner / width;
+  where.channel_packs = layout.rows ? layout.channels / width : 1;
+  where.small = numel / width <= std::numeric_limits<uint32_t>::max();
+  if (where.small && layout.rows) {  // every pack index fits in 32 bits, so every divisor does
+    where.by_channel_packs = Divider(static_cast<uint32_t>(where.channel_packs));
+  } else if (where.small) {
+    where.by_inner = Divider(static_cast<uint32_t>(where.inner_packs));
+    where.by_channels = Divider(static_cast<uint32_t>(layout.channels));
+  }
+  return where;
+}
+
+// y = (x - center) * scale + shift, pack by pack.
+template <int V, typename scalar_t, typename acc_t>
+__global__ void normalize(const scalar_t* x, scalar_t* y, int64_t num_packs, PackChannels where,
+                          const acc_t* affine) {
+  using P = Pack<scalar_t, V>;
+  const int64_t channels = where.channels;
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < num_packs;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t first = where.first_channel(p);
+    const P in = reinterpret_cast<const P*>(x)[p];
+    P out;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const int64_t c = where.rows ? first + i : first;
+      out.values[i] = static_cast<scalar_t>((static_cast<acc_t>(in.values[i]) - affine[c]) * affine[channels + c] +
+                                            affine[2 * channels + c]);
+    }
+    reinterpret_cast<P*>(y)[p] = out;
+  }
+}
+
+// dx = dy * dy_scale + (x - mean) * xmu_scale + shift, pack by pack. Eval (running statistics are
+// constants) is dx = dy * dy_scale and never reads x, so a non-finite x cannot leak.
+template <bool kTraining, int V, typename scalar_t, typename acc_t>
+__global__ void input_grad(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t num_packs,
+                           PackChannels where, const acc_t* mean, const acc_t* coefficients) {
+  using P = Pack<scalar_t, V>;
+  const int64_t channels = where.channels;
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < num_packs;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t first = where.first_channel(p);
+    const P grad = reinterpret_cast<const P*>(dy)[p];
+    P in;
+    if constexpr (kTraining) {
+      in = reinterpret_cast<const P*>(x)[p];
+    }
+    P out;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const int64_t c = where.rows ? first + i : first;
+      acc_t value = static_cast<acc_t>(grad.values[i]) * coefficients[c];
+      if constexpr (kTraining) {
+        const acc_t xmu = static_cast<acc_t>(in.values[i]) - mean[c];
+        value += xmu * coefficients[channels + c] + coefficients[2 * channels + c];
+      }
+      out.values[i] = static_cast<scalar_t>(value);
+    }
+    reinterpret_cast<P*>(dx)[p] = out;
+  }
+}
+
+// The pack width for these tensors: 16 bytes where the plane (planar) or the channel count (rows)
+// is a multiple of it and every pointer is 16-byte aligned, else 1.
+template <typename scalar_t>
+int64_t pack_width(const Layout& layout, std::initializer_list<const void*> pointers) {
+  constexpr int64_t width = kPackWidth<scalar_t>;
+  const bool divides = layout.rows ? layout.channels % width == 0 : layout.inner % width == 0;
+  const bool aligned = std::all_of(pointers.begin(), pointers.end(), [](const void* pointer) {
+    return reinterpret_cast<uintptr_t>(pointer) % 16 == 0;
+  });
+  return divides && aligned ? width : 1;
 }
 
 int64_t elementwise_blocks(int64_t numel) {
@@ -386,11 +497,6 @@ int64_t elementwise_blocks(int64_t numel) {
 
 int64_t channel_blocks(int64_t channels) {
   return std::max<int64_t>(1, (channels + kThreads - 1) / kThreads);
-}
-
-// Index of a value's channel in the flat index: planar divides by inner, rows (inner 1) does not.
-int64_t flat_inner(const Layout& layout) {
-  return layout.rows ? 1 : layout.inner;
 }
 
 at::ScalarType acc_dtype(at::ScalarType dtype) {
@@ -414,9 +520,35 @@ const acc_t* data_or_null(const Tensor& t) {
 template <typename scalar_t, typename acc_t>
 void launch_normalize(const Tensor& x, Tensor& output, const Layout& layout, const Tensor& affine,
                       cudaStream_t stream) {
-  normalize<scalar_t, acc_t><<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
-      x.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), x.numel(), layout.channels,
-      flat_inner(layout), affine.const_data_ptr<acc_t>());
+  const scalar_t* in = x.const_data_ptr<scalar_t>();
+  scalar_t* out = output.mutable_data_ptr<scalar_t>();
+  const int64_t width = pack_width<scalar_t>(layout, {in, out});
+  const int64_t num_packs = x.numel() / width;
+  const PackChannels where = pack_channels(layout, x.numel(), width);
+  const auto kernel = width == 1 ? normalize<1, scalar_t, acc_t> : normalize<kPackWidth<scalar_t>, scalar_t, acc_t>;
+  kernel<<<elementwise_blocks(num_packs), kThreads, 0, stream>>>(in, out, num_packs, where,
+                                                                 affine.const_data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// dx from dy (and x, in training) with the per-channel [dy_scale | xmu_scale | shift] coefficients.
+template <typename scalar_t, typename acc_t>
+void launch_input_grad(const Tensor& dy, const Tensor& x, Tensor& dx, const Layout& layout, bool training,
+                       const Tensor& mean, const Tensor& coefficients, cudaStream_t stream) {
+  const scalar_t* grad = dy.const_data_ptr<scalar_t>();
+  const scalar_t* in = x.const_data_ptr<scalar_t>();
+  scalar_t* out = dx.mutable_data_ptr<scalar_t>();
+  const int64_t width = pack_width<scalar_t>(layout, {grad, in, out});
+  const int64_t num_packs = x.numel() / width;
+  const PackChannels where = pack_channels(layout, x.numel(), width);
+  constexpr int V = kPackWidth<scalar_t>;
+  const auto kernel = training ? (width == 1 ? input_grad<true, 1, scalar_t, acc_t>
+                                              : input_grad<true, V, scalar_t, acc_t>)
+                               : (width == 1 ? input_grad<false, 1, scalar_t, acc_t>
+                                              : input_grad<false, V, scalar_t, acc_t>);
+  kernel<<<elementwise_blocks(num_packs), kThreads, 0, stream>>>(grad, in, out, num_packs, where,
+                                                                 mean.const_data_ptr<acc_t>(),
+                                                                 coefficients.const_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -554,12 +686,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
           coefficients.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (output_mask[0]) {
-        const auto kernel = training ? input_grad<true, scalar_t, acc_t> : input_grad<false, scalar_t, acc_t>;
-        kernel<<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
-            dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
-            x.numel(), layout.channels, flat_inner(layout), mean_values.const_data_ptr<acc_t>(),
-            coefficients.const_data_ptr<acc_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_input_grad<scalar_t, acc_t>(dy, x, grad_input, layout, training, mean_values, coefficients, stream);
       }
     });
   }
@@ -598,11 +725,8 @@ Tensor batch_norm_backward_elemt(const Tensor& grad_output, const Tensor& input,
         count_value.const_data_ptr<acc_t>(), channels, data_or_null<acc_t>(weight_values),
         invstd_values.const_data_ptr<acc_t>(), coefficients.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    input_grad<true, scalar_t, acc_t><<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
-        dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
-        x.numel(), channels, flat_inner(layout), mean_values.const_data_ptr<acc_t>(),
-        coefficients.const_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_input_grad<scalar_t, acc_t>(dy, x, grad_input, layout, /*training=*/true, mean_values, coefficients,
+                                       stream);
   });
   return grad_input;
 }
