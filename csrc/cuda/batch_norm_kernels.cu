@@ -49,6 +49,26 @@ constexpr int64_t kMaxSplits = 1024;
 // Grid of the elementwise passes (grid-stride loops).
 constexpr int64_t kMaxElementwiseBlocks = 65535;
 
+// Division by a fixed divisor without a divide instruction (Granlund and Montgomery's round-up
+// magic number): exact for every 32-bit numerator, as an exhaustive host check of the formula
+// over many divisors showed.
+struct Divider {
+  uint32_t divisor = 1;
+  uint32_t magic = 1;
+  uint32_t shift = 0;
+
+  Divider() = default;
+  explicit Divider(uint32_t d) : divisor(d) {
+    while ((uint64_t(1) << shift) < d) {
+      ++shift;
+    }
+    magic = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << shift) - d)) / d + 1);
+  }
+  __device__ uint32_t quotient(uint32_t n) const {
+    return static_cast<uint32_t>((static_cast<uint64_t>(__umulhi(n, magic)) + n) >> shift);
+  }
+};
+
 // Two per-channel sums: of dy, and of dy * (x - mean).
 template <typename acc_t>
 struct GradSums {
@@ -181,16 +201,18 @@ struct GradSumsOf {
   }
 };
 
-// Planar: block (c, split) reduces a slice of channel c's batch * inner values.
+// Planar: block (c, split) reduces a slice of channel c's batch * inner values. The image of a
+// value comes from `by_inner` (a multiplication) where a channel has under 2^32 values.
 template <typename State, typename Source>
-__global__ void planar_partials(Source source, int64_t channels, int64_t inner, int64_t per_channel,
-                                int64_t splits, Wide<State>* partials) {
+__global__ void planar_partials(Source source, int64_t channels, int64_t inner, Divider by_inner,
+                                int64_t per_channel, int64_t splits, Wide<State>* partials) {
   const int64_t c = blockIdx.x;
   const int64_t split = blockIdx.y;
   const Slice slice = slice_of(per_channel, split, splits);
+  const bool small = per_channel <= std::numeric_limits<uint32_t>::max();
   State state = source.start(c);
   for (int64_t k = slice.begin + threadIdx.x; k < slice.end; k += kThreads) {
-    const int64_t n = k / inner;
+    const int64_t n = small ? static_cast<int64_t>(by_inner.quotient(static_cast<uint32_t>(k))) : k / inner;
     source.add(state, (n * channels + c) * inner + (k - n * inner), c);
   }
   const Wide<State> merged = block_combine(widen(state));
@@ -243,8 +265,10 @@ void launch_partials(const Layout& layout, const Source& source, int64_t splits,
     TORCH_CHECK(layout.channels <= std::numeric_limits<int32_t>::max(), "bnext batch_norm (CUDA): ",
                 layout.channels, " channels is more than a grid holds");
     const dim3 grid(layout.channels, splits);  // channels on x: up to 2^31 - 1 of them
-    planar_partials<State><<<grid, kThreads, 0, stream>>>(source, layout.channels, layout.inner, layout.num_rows,
-                                                          splits, partials);
+    const bool small = layout.num_rows <= std::numeric_limits<uint32_t>::max();  // then inner is too
+    const Divider by_inner = small ? Divider(static_cast<uint32_t>(layout.inner)) : Divider();
+    planar_partials<State><<<grid, kThreads, 0, stream>>>(source, layout.channels, layout.inner, by_inner,
+                                                          layout.num_rows, splits, partials);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -348,26 +372,6 @@ __global__ void given_sums_coefficients(const acc_t* sum_dy, const acc_t* sum_dy
   coefficients[channels + c] = g.xmu_scale;
   coefficients[2 * channels + c] = g.shift;
 }
-
-// Division by a fixed divisor without a divide instruction (Granlund and Montgomery's round-up
-// magic number): exact for every 32-bit numerator, as an exhaustive host check of the formula
-// over many divisors showed.
-struct Divider {
-  uint32_t divisor = 1;
-  uint32_t magic = 1;
-  uint32_t shift = 0;
-
-  Divider() = default;
-  explicit Divider(uint32_t d) : divisor(d) {
-    while ((uint64_t(1) << shift) < d) {
-      ++shift;
-    }
-    magic = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << shift) - d)) / d + 1);
-  }
-  __device__ uint32_t quotient(uint32_t n) const {
-    return static_cast<uint32_t>((static_cast<uint64_t>(__umulhi(n, magic)) + n) >> shift);
-  }
-};
 
 // The elementwise passes read and write packs of V values: 16 bytes (V = 16 / sizeof(scalar_t))
 // where the layout allows, else single values (V = 1).
