@@ -158,8 +158,10 @@ class SyncBatchNorm(_BnextForward, _BatchNorm):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  process_group=None, device=None, dtype=None, *, bias=True):
+        # bias=True is passed on only by omission: torch 2.11's _BatchNorm has no bias keyword.
+        no_bias = {} if bias else {"bias": False}
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
-                         bias=bias)
+                         **no_bias)
         self.process_group = process_group
 
     def _check_input_dim(self, input):

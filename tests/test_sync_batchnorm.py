@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 import bnext
 
@@ -285,3 +286,18 @@ def test_local_pass_operators(dtype, channels_last):
     args = (dy, x, weight, save_mean, save_invstd, sum_dy, sum_dy_xmu, count)
     torch.testing.assert_close(ops.batch_norm_backward_elemt(*args), expected, **tol)
     torch.library.opcheck(ops.batch_norm_backward_elemt.default, args)
+
+
+def test_default_construction_passes_no_bias_keyword(monkeypatch):
+    """torch 2.11's _BatchNorm.__init__ has no bias keyword (the H100 machine's torch): a
+    SyncBatchNorm built with the default bias=True must not pass one."""
+    original = _BatchNorm.__init__
+
+    def init_without_bias_keyword(self, *args, **kwargs):
+        if "bias" in kwargs:
+            raise TypeError("_BatchNorm.__init__() got an unexpected keyword argument 'bias'")
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(_BatchNorm, "__init__", init_without_bias_keyword)
+    module = bnext.SyncBatchNorm(4)
+    assert module.bias is not None and module.weight is not None
