@@ -1,7 +1,7 @@
 """bnext.batch_norm: torch.nn.functional.batch_norm on the bnext operators."""
 import torch
 
-from .ops import batch_norm_eval, batch_norm_train, ops
+from .ops import _check_devices, batch_norm_eval, batch_norm_train, ops
 
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked):
@@ -15,9 +15,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         return batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
     if running_mean is not None and momentum is None and num_batches_tracked is None:
         raise TypeError("bnext batch_norm: momentum=None (cumulative average) needs num_batches_tracked")
-    for name, buffer in (("running_mean", running_mean), ("running_var", running_var)):
-        if buffer is not None and buffer.device != input.device:  # before any kernel runs: no state changes
-            raise RuntimeError(f"bnext batch_norm: {name} is on {buffer.device} but input is on {input.device}")
+    _check_devices(input, running_mean=running_mean, running_var=running_var)  # before any kernel: no state changes
     output, save_mean, save_invstd = batch_norm_train(input, weight, bias, eps)
     if running_mean is not None:
         count = input.numel() // input.shape[1] if input.shape[1] else 0
