@@ -167,16 +167,22 @@ __device__ Slice slice_of(int64_t total, int64_t split, int64_t splits) {
   return {split * size, std::min(total, (split + 1) * size)};
 }
 
-// What a thread sums, in float64, one value at a time. The statistics' shift is the thread's own
-// first value: within sqrt(count) standard deviations of its values' mean, so the sums of d and
-// d^2 lose nothing to cancellation whatever the channel's other values. (With the channel's first
-// value as every thread's shift, a numpy model of 64 float32 values lost 7e-5 of the variance
-// when that value was 1e6 standard deviations off.)
+// What a thread sums, in float64: `load` reads one element (as stored), `add` adds it to the
+// thread's state. The loops issue several loads before the first add, so that each thread keeps
+// several reads in flight. The statistics' shift is the thread's own first value: within
+// sqrt(count) standard deviations of its values' mean, so the sums of d and d^2 lose nothing to
+// cancellation whatever the channel's other values. (With the channel's first value as every
+// thread's shift, a numpy model of 64 float32 values lost 7e-5 of the variance when that value was
+// 1e6 standard deviations off.)
 template <typename scalar_t, typename acc_t>
 struct MomentsOf {
+  using Value = scalar_t;
   const scalar_t* x;
-  __device__ void add(ShiftedSums& state, int64_t index, int64_t) const {
-    const double value = static_cast<double>(static_cast<acc_t>(x[index]));
+  __device__ Value load(int64_t index) const {
+    return x[index];
+  }
+  __device__ void add(ShiftedSums& state, Value loaded, int64_t) const {
+    const double value = static_cast<double>(static_cast<acc_t>(loaded));
     if (state.count == 0) {
       state.shift = value;
     }
@@ -189,15 +195,48 @@ struct MomentsOf {
 
 template <typename scalar_t, typename acc_t>
 struct GradSumsOf {
+  struct Value {
+    scalar_t dy;
+    scalar_t x;
+  };
   const scalar_t* dy;
   const scalar_t* x;
   const acc_t* mean;
-  __device__ void add(GradSums<double>& state, int64_t index, int64_t c) const {
-    const double g = static_cast<double>(static_cast<acc_t>(dy[index]));
+  __device__ Value load(int64_t index) const {
+    return {dy[index], x[index]};
+  }
+  __device__ void add(GradSums<double>& state, Value loaded, int64_t c) const {
+    const double g = static_cast<double>(static_cast<acc_t>(loaded.dy));
     state.dy += g;
-    state.dy_xmu += g * (static_cast<double>(static_cast<acc_t>(x[index])) - static_cast<double>(mean[c]));
+    state.dy_xmu += g * (static_cast<double>(static_cast<acc_t>(loaded.x)) - static_cast<double>(mean[c]));
   }
 };
+
+// Loads each thread issues before adding: 16 bytes of each tensor read, at least 4 loads.
+template <typename Source>
+constexpr int kLoadsInFlight = std::max<int>(4, 16 / static_cast<int>(sizeof(typename Source::Value)));
+
+// source.add(state, value at index_of(k)) for k = first, first + stride, ... < end, in that order.
+template <typename Source, typename State, typename IndexOf>
+__device__ void add_strided(const Source& source, State& state, int64_t c, int64_t first, int64_t end,
+                            int64_t stride, IndexOf index_of) {
+  constexpr int kBatch = kLoadsInFlight<Source>;
+  int64_t k = first;
+  for (; k + (kBatch - 1) * stride < end; k += kBatch * stride) {
+    typename Source::Value values[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      values[u] = source.load(index_of(k + u * stride));
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      source.add(state, values[u], c);
+    }
+  }
+  for (; k < end; k += stride) {
+    source.add(state, source.load(index_of(k)), c);
+  }
+}
 
 // Planar: block (c, split) reduces a slice of channel c's batch * inner values. The image of a
 // value comes from `by_inner` (a multiplication) where a channel has under 2^32 values.
@@ -209,10 +248,10 @@ __global__ void planar_partials(Source source, int64_t channels, int64_t inner, 
   const Slice slice = slice_of(per_channel, split, splits);
   const bool small = per_channel <= std::numeric_limits<uint32_t>::max();
   State state{};
-  for (int64_t k = slice.begin + threadIdx.x; k < slice.end; k += kThreads) {
+  add_strided(source, state, c, slice.begin + threadIdx.x, slice.end, kThreads, [&](int64_t k) {
     const int64_t n = small ? static_cast<int64_t>(by_inner.quotient(static_cast<uint32_t>(k))) : k / inner;
-    source.add(state, (n * channels + c) * inner + (k - n * inner), c);
-  }
+    return (n * channels + c) * inner + (k - n * inner);
+  });
   const Wide<State> merged = block_combine(widen(state));
   if (threadIdx.x == 0) {
     partials[c * splits + split] = merged;
@@ -228,9 +267,8 @@ __global__ void rows_partials(Source source, int64_t channels, int64_t num_rows,
   const Slice slice = slice_of(num_rows, split, splits);
   State state{};
   if (c < channels) {
-    for (int64_t r = slice.begin + threadIdx.y; r < slice.end; r += kRowLanes) {
-      source.add(state, r * channels + c, c);
-    }
+    add_strided(source, state, c, slice.begin + threadIdx.y, slice.end, kRowLanes,
+                [&](int64_t r) { return r * channels + c; });
   }
   const Wide<State> merged = column_combine(widen(state));
   if (threadIdx.y == 0 && c < channels) {
@@ -265,39 +303,62 @@ void launch_partials(const Layout& layout, const Source& source, int64_t splits,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Channel c's partial moments, merged in order.
-__device__ Moments<double> merged_moments(const Moments<double>* partials, int64_t c, int64_t splits) {
-  Moments<double> moments;
-  for (int64_t split = 0; split < splits; ++split) {
-    moments = merge(moments, partials[c * splits + split]);
+// The finishing kernels give each channel one warp (kChannelsPerBlock channels per block): lane l
+// merges splits l, l + kWarp, ... in order, then the lanes' states merge in a fixed tree, so that
+// up to kMaxSplits partials take a few dozen merges in a row rather than a thousand. The order is a
+// function of the shape only. The merged state is in lane 0; every lane of the channel's warp
+// calls this (a warp past the last channel returns before).
+constexpr int kChannelsPerBlock = kThreads / kWarp;
+
+int64_t warp_channel_blocks(int64_t channels) {
+  return std::max<int64_t>(1, (channels + kChannelsPerBlock - 1) / kChannelsPerBlock);
+}
+
+__device__ int64_t warp_channel() {
+  return static_cast<int64_t>(blockIdx.x) * kChannelsPerBlock + threadIdx.x / kWarp;
+}
+
+template <typename State>
+__device__ State warp_merged(const State* partials, int64_t c, int64_t splits) {
+  State state{};
+  for (int64_t split = threadIdx.x % kWarp; split < splits; split += kWarp) {
+    state = combine(state, partials[c * splits + split]);
   }
-  return moments;
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    state = combine(state, shuffle_down(state, offset));
+  }
+  return state;
 }
 
 // Per-channel mean and biased variance from the partial moments (no normalize).
 template <typename acc_t>
 __global__ void finish_stats(const Moments<double>* partials, int64_t channels, int64_t splits, acc_t* mean,
                              acc_t* var) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t c = warp_channel();
   if (c >= channels) {
     return;
   }
-  const Moments<double> moments = merged_moments(partials, c, splits);
-  mean[c] = static_cast<acc_t>(moments.mean);
-  var[c] = static_cast<acc_t>(moments.m2 / moments.count);
+  const Moments<double> moments = warp_merged(partials, c, splits);
+  if (threadIdx.x % kWarp == 0) {
+    mean[c] = static_cast<acc_t>(moments.mean);
+    var[c] = static_cast<acc_t>(moments.m2 / moments.count);
+  }
 }
 
-// Merges each channel's partial moments in order; writes the saved statistics and the
-// normalize coefficients [center | scale | shift].
+// Merges each channel's partial moments; writes the saved statistics and the normalize
+// coefficients [center | scale | shift].
 template <typename acc_t>
 __global__ void finish_moments(const Moments<double>* partials, int64_t channels, int64_t splits, double eps,
                                const acc_t* weight, const acc_t* bias, acc_t* save_mean, acc_t* save_invstd,
                                acc_t* affine) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t c = warp_channel();
   if (c >= channels) {
     return;
   }
-  const Moments<double> moments = merged_moments(partials, c, splits);
+  const Moments<double> moments = warp_merged(partials, c, splits);
+  if (threadIdx.x % kWarp != 0) {
+    return;
+  }
   const acc_t mean = static_cast<acc_t>(moments.mean);
   const acc_t invstd = static_cast<acc_t>(inverse_std(moments.m2 / moments.count, eps));
   save_mean[c] = mean;
@@ -325,18 +386,18 @@ __global__ void running_affine(const acc_t* running_mean, const acc_t* running_v
 }
 
 // Merges each channel's gradient sums; writes grad_weight, grad_bias and the input-gradient
-// coefficients [dy_scale | xmu_scale | shift].
+// coefficients [dy_scale | xmu_scale | shift | mean].
 template <typename acc_t>
 __global__ void finish_grad_sums(const GradSums<double>* partials, int64_t channels, int64_t splits, acc_t count,
-                                 bool training, const acc_t* weight, const acc_t* invstd, acc_t* grad_weight,
-                                 acc_t* grad_bias, acc_t* coefficients) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+                                 bool training, const acc_t* weight, const acc_t* mean, const acc_t* invstd,
+                                 acc_t* grad_weight, acc_t* grad_bias, acc_t* coefficients) {
+  const int64_t c = warp_channel();
   if (c >= channels) {
     return;
   }
-  GradSums<double> sums;
-  for (int64_t split = 0; split < splits; ++split) {
-    sums = combine(sums, partials[c * splits + split]);
+  const GradSums<double> sums = warp_merged(partials, c, splits);
+  if (threadIdx.x % kWarp != 0) {
+    return;
   }
   const acc_t sum_dy = static_cast<acc_t>(sums.dy);
   const acc_t sum_dy_xmu = static_cast<acc_t>(sums.dy_xmu);
@@ -347,13 +408,14 @@ __global__ void finish_grad_sums(const GradSums<double>* partials, int64_t chann
   coefficients[c] = g.dy_scale;
   coefficients[channels + c] = g.xmu_scale;
   coefficients[2 * channels + c] = g.shift;
+  coefficients[3 * channels + c] = mean[c];
 }
 
 // Input-gradient coefficients from sums reduced over every process and their count (on the device).
 template <typename acc_t>
 __global__ void given_sums_coefficients(const acc_t* sum_dy, const acc_t* sum_dy_xmu, const acc_t* count,
-                                        int64_t channels, const acc_t* weight, const acc_t* invstd,
-                                        acc_t* coefficients) {
+                                        int64_t channels, const acc_t* weight, const acc_t* mean,
+                                        const acc_t* invstd, acc_t* coefficients) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= channels) {
     return;
@@ -363,6 +425,7 @@ __global__ void given_sums_coefficients(const acc_t* sum_dy, const acc_t* sum_dy
   coefficients[c] = g.dy_scale;
   coefficients[channels + c] = g.xmu_scale;
   coefficients[2 * channels + c] = g.shift;
+  coefficients[3 * channels + c] = mean[c];
 }
 
 // The elementwise passes read and write packs of V values: 16 bytes (V = 16 / sizeof(scalar_t))
@@ -424,8 +487,27 @@ PackChannels pack_channels(const Layout& layout, int64_t numel, int64_t width) {
   return where;
 }
 
-// y = (x - center) * scale + shift, pack by pack.
-template <int V, typename scalar_t, typename acc_t>
+// The per-channel coefficients of pack p's values: planar packs lie in one channel (one value per
+// coefficient, used for all V values), rows packs span V consecutive channels (V values, read as
+// one aligned pack: the buffers hold `channels` values each, a multiple of V, from 256-byte
+// aligned allocations).
+template <bool kRows, int V, typename acc_t>
+struct Coefficients {
+  acc_t values[kRows ? V : 1];
+  __device__ Coefficients(const acc_t* buffer, int64_t first) {
+    if constexpr (kRows) {
+      *reinterpret_cast<Pack<acc_t, V>*>(values) = *reinterpret_cast<const Pack<acc_t, V>*>(buffer + first);
+    } else {
+      values[0] = buffer[first];
+    }
+  }
+  __device__ acc_t operator[](int i) const {
+    return values[kRows ? i : 0];
+  }
+};
+
+// y = (x - center) * scale + shift, pack by pack, with affine = [center | scale | shift].
+template <bool kRows, int V, typename scalar_t, typename acc_t>
 __global__ void normalize(const scalar_t* x, scalar_t* y, int64_t num_packs, PackChannels where,
                           const acc_t* affine) {
   using P = Pack<scalar_t, V>;
@@ -434,42 +516,48 @@ __global__ void normalize(const scalar_t* x, scalar_t* y, int64_t num_packs, Pac
        p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t first = where.first_channel(p);
     const P in = reinterpret_cast<const P*>(x)[p];
+    const Coefficients<kRows, V, acc_t> center(affine, first);
+    const Coefficients<kRows, V, acc_t> scale(affine + channels, first);
+    const Coefficients<kRows, V, acc_t> shift(affine + 2 * channels, first);
     P out;
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      const int64_t c = where.rows ? first + i : first;
-      out.values[i] = static_cast<scalar_t>((static_cast<acc_t>(in.values[i]) - affine[c]) * affine[channels + c] +
-                                            affine[2 * channels + c]);
+      out.values[i] = static_cast<scalar_t>((static_cast<acc_t>(in.values[i]) - center[i]) * scale[i] + shift[i]);
     }
     reinterpret_cast<P*>(y)[p] = out;
   }
 }
 
-// dx = dy * dy_scale + (x - mean) * xmu_scale + shift, pack by pack. Eval (running statistics are
-// constants) is dx = dy * dy_scale and never reads x, so a non-finite x cannot leak.
-template <bool kTraining, int V, typename scalar_t, typename acc_t>
+// dx = dy * dy_scale + (x - mean) * xmu_scale + shift, pack by pack, with coefficients =
+// [dy_scale | xmu_scale | shift | mean]. Eval (running statistics are constants) is
+// dx = dy * dy_scale and never reads x, so a non-finite x cannot leak.
+template <bool kTraining, bool kRows, int V, typename scalar_t, typename acc_t>
 __global__ void input_grad(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t num_packs,
-                           PackChannels where, const acc_t* mean, const acc_t* coefficients) {
+                           PackChannels where, const acc_t* coefficients) {
   using P = Pack<scalar_t, V>;
   const int64_t channels = where.channels;
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < num_packs;
        p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t first = where.first_channel(p);
     const P grad = reinterpret_cast<const P*>(dy)[p];
-    P in;
-    if constexpr (kTraining) {
-      in = reinterpret_cast<const P*>(x)[p];
-    }
+    const Coefficients<kRows, V, acc_t> dy_scale(coefficients, first);
     P out;
+    if constexpr (kTraining) {
+      const P in = reinterpret_cast<const P*>(x)[p];
+      const Coefficients<kRows, V, acc_t> xmu_scale(coefficients + channels, first);
+      const Coefficients<kRows, V, acc_t> shift(coefficients + 2 * channels, first);
+      const Coefficients<kRows, V, acc_t> mean(coefficients + 3 * channels, first);
 #pragma unroll
-    for (int i = 0; i < V; ++i) {
-      const int64_t c = where.rows ? first + i : first;
-      acc_t value = static_cast<acc_t>(grad.values[i]) * coefficients[c];
-      if constexpr (kTraining) {
-        const acc_t xmu = static_cast<acc_t>(in.values[i]) - mean[c];
-        value += xmu * coefficients[channels + c] + coefficients[2 * channels + c];
+      for (int i = 0; i < V; ++i) {
+        const acc_t xmu = static_cast<acc_t>(in.values[i]) - mean[i];
+        out.values[i] = static_cast<scalar_t>(static_cast<acc_t>(grad.values[i]) * dy_scale[i] +
+                                              (xmu * xmu_scale[i] + shift[i]));
       }
-      out.values[i] = static_cast<scalar_t>(value);
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        out.values[i] = static_cast<scalar_t>(static_cast<acc_t>(grad.values[i]) * dy_scale[i]);
+      }
     }
     reinterpret_cast<P*>(dx)[p] = out;
   }
@@ -512,6 +600,12 @@ const acc_t* data_or_null(const Tensor& t) {
   return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
 }
 
+// The normalize kernel for a layout's kind and a pack width.
+template <bool kRows, typename scalar_t, typename acc_t>
+auto normalize_kernel(int64_t width) {
+  return width == 1 ? normalize<kRows, 1, scalar_t, acc_t> : normalize<kRows, kPackWidth<scalar_t>, scalar_t, acc_t>;
+}
+
 // y = (x - center) * scale + shift with the per-channel [center | scale | shift] in `affine`.
 template <typename scalar_t, typename acc_t>
 void launch_normalize(const Tensor& x, Tensor& output, const Layout& layout, const Tensor& affine,
@@ -521,29 +615,36 @@ void launch_normalize(const Tensor& x, Tensor& output, const Layout& layout, con
   const int64_t width = pack_width<scalar_t>(layout, {in, out});
   const int64_t num_packs = x.numel() / width;
   const PackChannels where = pack_channels(layout, x.numel(), width);
-  const auto kernel = width == 1 ? normalize<1, scalar_t, acc_t> : normalize<kPackWidth<scalar_t>, scalar_t, acc_t>;
+  const auto kernel = layout.rows ? normalize_kernel<true, scalar_t, acc_t>(width)
+                                  : normalize_kernel<false, scalar_t, acc_t>(width);
   kernel<<<elementwise_blocks(num_packs), kThreads, 0, stream>>>(in, out, num_packs, where,
                                                                  affine.const_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// dx from dy (and x, in training) with the per-channel [dy_scale | xmu_scale | shift] coefficients.
+// The input-gradient kernel for a mode, a layout's kind and a pack width.
+template <bool kTraining, bool kRows, typename scalar_t, typename acc_t>
+auto input_grad_kernel(int64_t width) {
+  return width == 1 ? input_grad<kTraining, kRows, 1, scalar_t, acc_t>
+                    : input_grad<kTraining, kRows, kPackWidth<scalar_t>, scalar_t, acc_t>;
+}
+
+// dx from dy (and x, in training) with the per-channel [dy_scale | xmu_scale | shift | mean]
+// coefficients. Eval reads no x, so only dy and dx decide the pack width there.
 template <typename scalar_t, typename acc_t>
 void launch_input_grad(const Tensor& dy, const Tensor& x, Tensor& dx, const Layout& layout, bool training,
-                       const Tensor& mean, const Tensor& coefficients, cudaStream_t stream) {
+                       const Tensor& coefficients, cudaStream_t stream) {
   const scalar_t* grad = dy.const_data_ptr<scalar_t>();
   const scalar_t* in = x.const_data_ptr<scalar_t>();
   scalar_t* out = dx.mutable_data_ptr<scalar_t>();
-  const int64_t width = pack_width<scalar_t>(layout, {grad, in, out});
+  const int64_t width = training ? pack_width<scalar_t>(layout, {grad, in, out}) : pack_width<scalar_t>(layout, {grad, out});
   const int64_t num_packs = x.numel() / width;
   const PackChannels where = pack_channels(layout, x.numel(), width);
-  constexpr int V = kPackWidth<scalar_t>;
-  const auto kernel = training ? (width == 1 ? input_grad<true, 1, scalar_t, acc_t>
-                                              : input_grad<true, V, scalar_t, acc_t>)
-                               : (width == 1 ? input_grad<false, 1, scalar_t, acc_t>
-                                              : input_grad<false, V, scalar_t, acc_t>);
+  const auto kernel = training ? (layout.rows ? input_grad_kernel<true, true, scalar_t, acc_t>(width)
+                                              : input_grad_kernel<true, false, scalar_t, acc_t>(width))
+                               : (layout.rows ? input_grad_kernel<false, true, scalar_t, acc_t>(width)
+                                              : input_grad_kernel<false, false, scalar_t, acc_t>(width));
   kernel<<<elementwise_blocks(num_packs), kThreads, 0, stream>>>(grad, in, out, num_packs, where,
-                                                                 mean.const_data_ptr<acc_t>(),
                                                                  coefficients.const_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -579,7 +680,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
     auto* moments = reinterpret_cast<Moments<double>*>(partials.mutable_data_ptr<double>());
     const MomentsOf<scalar_t, acc_t> source{x.const_data_ptr<scalar_t>()};
     launch_partials<ShiftedSums>(layout, source, splits, moments, stream);
-    finish_moments<acc_t><<<channel_blocks(layout.channels), kThreads, 0, stream>>>(
+    finish_moments<acc_t><<<warp_channel_blocks(layout.channels), kThreads, 0, stream>>>(
         moments, layout.channels, splits, eps, data_or_null<acc_t>(weight_values),
         data_or_null<acc_t>(bias_values), save_mean.mutable_data_ptr<acc_t>(), save_invstd.mutable_data_ptr<acc_t>(),
         affine.mutable_data_ptr<acc_t>());
@@ -608,7 +709,7 @@ std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
     auto* moments = reinterpret_cast<Moments<double>*>(partials.mutable_data_ptr<double>());
     const MomentsOf<scalar_t, acc_t> source{x.const_data_ptr<scalar_t>()};
     launch_partials<ShiftedSums>(layout, source, splits, moments, stream);
-    finish_stats<acc_t><<<channel_blocks(layout.channels), kThreads, 0, stream>>>(
+    finish_stats<acc_t><<<warp_channel_blocks(layout.channels), kThreads, 0, stream>>>(
         moments, layout.channels, splits, mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -670,19 +771,20 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_output
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_backward_cuda", [&] {
       using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
       Tensor partials = at::empty({layout.channels * splits * 2}, input.options().dtype(at::kDouble));
-      Tensor coefficients = at::empty({3 * layout.channels}, input.options().dtype(stats_dtype));
+      Tensor coefficients = at::empty({4 * layout.channels}, input.options().dtype(stats_dtype));
       auto* sums = reinterpret_cast<GradSums<double>*>(partials.mutable_data_ptr<double>());
       const GradSumsOf<scalar_t, acc_t> source{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                                mean_values.const_data_ptr<acc_t>()};
       launch_partials<GradSums<double>>(layout, source, splits, sums, stream);
-      finish_grad_sums<acc_t><<<channel_blocks(layout.channels), kThreads, 0, stream>>>(
+      finish_grad_sums<acc_t><<<warp_channel_blocks(layout.channels), kThreads, 0, stream>>>(
           sums, layout.channels, splits, static_cast<acc_t>(layout.num_rows), training,
-          data_or_null<acc_t>(weight_values), invstd_values.const_data_ptr<acc_t>(),
+          data_or_null<acc_t>(weight_values), mean_values.const_data_ptr<acc_t>(),
+          invstd_values.const_data_ptr<acc_t>(),
           grad_weight_acc.mutable_data_ptr<acc_t>(), grad_bias_acc.mutable_data_ptr<acc_t>(),
           coefficients.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (output_mask[0]) {
-        launch_input_grad<scalar_t, acc_t>(dy, x, grad_input, layout, training, mean_values, coefficients, stream);
+        launch_input_grad<scalar_t, acc_t>(dy, x, grad_input, layout, training, coefficients, stream);
       }
     });
   }
@@ -715,14 +817,14 @@ Tensor batch_norm_backward_elemt(const Tensor& grad_output, const Tensor& input,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_batch_norm_backward_elemt_cuda",
                                   [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
-    Tensor coefficients = at::empty({3 * channels}, input.options().dtype(stats_dtype));
+    Tensor coefficients = at::empty({4 * channels}, input.options().dtype(stats_dtype));
     given_sums_coefficients<acc_t><<<channel_blocks(channels), kThreads, 0, stream>>>(
         sum_dy_values.const_data_ptr<acc_t>(), sum_dy_xmu_values.const_data_ptr<acc_t>(),
         count_value.const_data_ptr<acc_t>(), channels, data_or_null<acc_t>(weight_values),
-        invstd_values.const_data_ptr<acc_t>(), coefficients.mutable_data_ptr<acc_t>());
+        mean_values.const_data_ptr<acc_t>(), invstd_values.const_data_ptr<acc_t>(),
+        coefficients.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    launch_input_grad<scalar_t, acc_t>(dy, x, grad_input, layout, /*training=*/true, mean_values, coefficients,
-                                       stream);
+    launch_input_grad<scalar_t, acc_t>(dy, x, grad_input, layout, /*training=*/true, coefficients, stream);
   });
   return grad_input;
 }
@@ -731,21 +833,89 @@ __global__ void increment_counter(int64_t* num_batches_tracked) {
   *num_batches_tracked += 1;
 }
 
-// running = (1 - factor) * running + factor * batch, with factor = momentum or, for momentum=None,
-// 1 / num_batches_tracked read here on the device.
-__global__ void update_running(double* running_mean, double* running_var, const int64_t* num_batches_tracked,
-                               const double* save_mean, const double* save_invstd, int64_t channels, double eps,
-                               double unbiased, double momentum, bool cumulative) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= channels) {
-    return;
+// A per-channel vector of any of the four floating dtypes, at any stride, read and written in
+// float64 on the device.
+struct ChannelVector {
+  void* data = nullptr;
+  int64_t stride = 1;
+  at::ScalarType dtype = at::kFloat;
+
+  template <typename T>
+  __device__ T* element(int64_t c) const {
+    return static_cast<T*>(data) + c * stride;
   }
-  const double factor = cumulative ? 1.0 / static_cast<double>(*num_batches_tracked) : momentum;
-  const double invstd = save_invstd[c];
-  // The biased variance behind invstd; never negative after rounding.
-  const double biased_var = fmax(0.0, 1.0 / (invstd * invstd) - eps);
-  running_mean[c] = running_average(running_mean[c], save_mean[c], factor);
-  running_var[c] = running_average(running_var[c], biased_var * unbiased, factor);
+  __device__ double get(int64_t c) const {
+    switch (dtype) {
+      case at::kDouble:
+        return *element<double>(c);
+      case at::kHalf:
+        return static_cast<float>(*element<at::Half>(c));
+      case at::kBFloat16:
+        return static_cast<float>(*element<at::BFloat16>(c));
+      default:
+        return *element<float>(c);
+    }
+  }
+  __device__ void set(int64_t c, double value) const {
+    switch (dtype) {
+      case at::kDouble:
+        *element<double>(c) = value;
+        break;
+      case at::kHalf:
+        *element<at::Half>(c) = static_cast<at::Half>(static_cast<float>(value));
+        break;
+      case at::kBFloat16:
+        *element<at::BFloat16>(c) = static_cast<at::BFloat16>(static_cast<float>(value));
+        break;
+      default:
+        *element<float>(c) = static_cast<float>(value);
+    }
+  }
+};
+
+// Threads of the running-stats update; up to kUpdateSpan channels take one block, which then also
+// increments the counter (every thread has read it by the barrier before).
+constexpr int kUpdateThreads = 1024;
+constexpr int64_t kUpdateSpan = 16 * kUpdateThreads;
+
+// running = (1 - factor) * running + factor * batch, in float64, with factor = momentum or, for
+// momentum=None, 1 / (num_batches_tracked + 1), the counter as it is before this call increments it.
+__global__ void update_running(ChannelVector running_mean, ChannelVector running_var, int64_t* num_batches_tracked,
+                               bool increment, ChannelVector save_mean, ChannelVector save_invstd, int64_t channels,
+                               double eps, double unbiased, double momentum, bool cumulative) {
+  const double factor = cumulative ? 1.0 / static_cast<double>(*num_batches_tracked + 1) : momentum;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < channels;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const double invstd = save_invstd.get(c);
+    // The biased variance behind invstd; never negative after rounding.
+    const double biased_var = fmax(0.0, 1.0 / (invstd * invstd) - eps);
+    running_mean.set(c, running_average(running_mean.get(c), save_mean.get(c), factor));
+    running_var.set(c, running_average(running_var.get(c), biased_var * unbiased, factor));
+  }
+  if (increment) {  // one block: every thread has read the counter before thread 0 writes it
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      *num_batches_tracked += 1;
+    }
+  }
+}
+
+bool is_kernel_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
+}
+
+// `t`'s values as a vector the update kernel reads and writes in place: t itself where it is in
+// one of the kernel's dtypes and one-dimensional (any stride but 0) or contiguous; otherwise a
+// float64 copy, which the caller copies back (the returned tensor is then defined).
+std::pair<ChannelVector, Tensor> channel_vector(const Tensor& t, int64_t channels) {
+  if (is_kernel_dtype(t.scalar_type()) && (t.dim() <= 1 || t.is_contiguous())) {
+    const Tensor flat = t.view({-1});
+    if (flat.stride(0) != 0 || channels == 1) {
+      return {{flat.data_ptr(), flat.stride(0), t.scalar_type()}, Tensor()};
+    }
+  }
+  Tensor copy = t.reshape({channels}).to(at::kDouble, /*non_blocking=*/false, /*copy=*/true);
+  return {{copy.data_ptr(), 1, at::kDouble}, copy};
 }
 
 void update_running_stats(Tensor& running_mean, Tensor& running_var, const std::optional<Tensor>& num_batches_tracked,
@@ -756,28 +926,38 @@ void update_running_stats(Tensor& running_mean, Tensor& running_var, const std::
   const c10::cuda::CUDAGuard guard(save_mean.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool has_counter = is_given(num_batches_tracked);
-  if (has_counter) {
-    increment_counter<<<1, 1, 0, stream>>>(num_batches_tracked->mutable_data_ptr<int64_t>());
+  int64_t* counter = has_counter ? num_batches_tracked->mutable_data_ptr<int64_t>() : nullptr;
+  const int64_t channels = save_mean.numel();
+  if (count == 0 || channels == 0) {
+    // an empty batch has no statistics; nn.BatchNorm leaves the running stats as they were
+    if (has_counter) {
+      increment_counter<<<1, 1, 0, stream>>>(counter);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    return;
+  }
+  // Each buffer is rounded once, when the float64 result is stored; inputs in other dtypes or
+  // layouts go through float64 copies.
+  const auto [mean_vector, mean_copy] = channel_vector(running_mean, channels);
+  const auto [var_vector, var_copy] = channel_vector(running_var, channels);
+  const auto [save_mean_vector, save_mean_copy] = channel_vector(save_mean, channels);
+  const auto [save_invstd_vector, save_invstd_copy] = channel_vector(save_invstd, channels);
+  const bool one_block = channels <= kUpdateSpan;
+  const int64_t blocks = one_block ? 1 : std::min<int64_t>((channels + kUpdateThreads - 1) / kUpdateThreads, 65535);
+  update_running<<<blocks, kUpdateThreads, 0, stream>>>(
+      mean_vector, var_vector, counter, has_counter && one_block, save_mean_vector, save_invstd_vector, channels, eps,
+      static_cast<double>(count) / static_cast<double>(count - 1), momentum.value_or(0.0), !momentum.has_value());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (has_counter && !one_block) {  // after every block has read the counter
+    increment_counter<<<1, 1, 0, stream>>>(counter);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  if (count == 0) {
-    return;  // an empty batch has no statistics; nn.BatchNorm leaves the running stats as they were
+  if (mean_copy.defined()) {
+    running_mean.copy_(mean_copy.view(running_mean.sizes()));
   }
-  const int64_t channels = save_mean.numel();
-  // In float64 whatever the dtypes involved (C values only): each buffer is rounded once, on copy_.
-  const auto as_double = [&](const Tensor& t) { return t.reshape({channels}).to(at::kDouble).contiguous(); };
-  Tensor new_mean = running_mean.reshape({channels}).to(at::kDouble, /*non_blocking=*/false, /*copy=*/true);
-  Tensor new_var = running_var.reshape({channels}).to(at::kDouble, /*non_blocking=*/false, /*copy=*/true);
-  const Tensor batch_mean = as_double(save_mean);
-  const Tensor batch_invstd = as_double(save_invstd);
-  update_running<<<channel_blocks(channels), kThreads, 0, stream>>>(
-      new_mean.mutable_data_ptr<double>(), new_var.mutable_data_ptr<double>(),
-      has_counter ? num_batches_tracked->const_data_ptr<int64_t>() : nullptr, batch_mean.const_data_ptr<double>(),
-      batch_invstd.const_data_ptr<double>(), channels, eps, static_cast<double>(count) / static_cast<double>(count - 1),
-      momentum.value_or(0.0), !momentum.has_value());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  running_mean.copy_(new_mean.reshape(running_mean.sizes()));
-  running_var.copy_(new_var.reshape(running_var.sizes()));
+  if (var_copy.defined()) {
+    running_var.copy_(var_copy.view(running_var.sizes()));
+  }
 }
 
 }  // namespace
