@@ -3,7 +3,10 @@ events around one call, the GPU idle before) against the sum of its kernels' dev
 (torch.profiler), for bnext and torch. The difference is time the GPU waits for the host: Python,
 dispatch and kernel launches. Also lists bnext's kernels with their mean device time.
 
-    python benchmarks/cuda_profile.py [--dtype float32,bfloat16]
+    python benchmarks/cuda_profile.py [--dtype float32,bfloat16] [--host]
+
+--host instead prints the host-side profile (CPU time per operator and CUDA runtime call) of
+forward+backward on two shapes, for bnext and torch.
 """
 import argparse
 import collections
@@ -86,10 +89,30 @@ def short(name):
     return name[:40]
 
 
+def host_profiles():
+    for shape, layout, dtype in (((64, 2048, 7, 7), "contiguous", torch.bfloat16),
+                                 ((64, 64, 56, 56), "contiguous", torch.float32)):
+        for name, batch_norm in (("torch", F.batch_norm), ("bnext", bnext.batch_norm)):
+            call = make_call(batch_norm, shape, layout, dtype, "fwd_bwd")
+            for _ in range(5):
+                call()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(CALLS):
+                    call()
+                torch.cuda.synchronize()
+            print(f"\n{name} fwd_bwd {'x'.join(map(str, shape))} {layout} {dtype}: {CALLS} calls")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=50))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="float32,bfloat16")
+    parser.add_argument("--host", action="store_true")
     args = parser.parse_args()
+    if args.host:
+        host_profiles()
+        return
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; times in us per call (median of "
           f"{CALLS * 3} event-timed calls; kernel sums over {CALLS} profiled calls)")
     print(f"{'shape':<16} {'layout':<13} {'dtype':<8} {'case':<9} {'impl':<5} {'event':>7} {'kernels':>8} "
