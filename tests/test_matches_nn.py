@@ -160,7 +160,14 @@ def _assert_as_accurate_as_nn(device, shape, layout, dtype):
                 continue
             bnext_error = (bnext_result[name].double() - expected).abs().max().item()
             torch_error = (torch_result[name].double() - expected).abs().max().item()
-            assert bnext_error <= 2 * torch_error + 1e-6, f"step {step} {name}: {bnext_error} vs torch {torch_error}"
+            # Neither can beat the rounding of its own results and running stats: up to about one
+            # unit in the last place of the largest value. Where torch's error happens to fall
+            # under that (an eval weight gradient of 5e4 on CUDA: torch 0.0018, one float32 ulp
+            # 0.0039), twice torch's error alone would ask bnext for less than rounding allows.
+            rounding = torch.finfo(bnext_result[name].dtype).eps * expected.abs().max().item()
+            assert bnext_error <= 2 * torch_error + max(rounding, 1e-6), (
+                f"step {step} {name}: {bnext_error} vs torch {torch_error} (rounding {rounding})"
+            )
 
 
 @pytest.mark.parametrize(
