@@ -117,9 +117,10 @@ bool is_kernel_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
 }
 
-// `t`'s values as a vector the update kernel reads and writes in place: t itself where it is in
-// one of the kernel's dtypes and one-dimensional (any stride but 0) or contiguous; otherwise a
-// float64 copy, which the caller copies back (the returned tensor is then defined).
+// `t`'s values as a vector the kernels read (and the running-stats update writes) in place: t
+// itself where it is in one of the four dtypes and one-dimensional (any stride but 0) or
+// contiguous; otherwise a float64 copy, which the update copies back (the returned tensor is then
+// defined).
 std::pair<ChannelVector, Tensor> channel_vector(const Tensor& t, int64_t channels) {
   if (is_kernel_dtype(t.scalar_type()) && (t.dim() <= 1 || t.is_contiguous())) {
     const Tensor flat = t.view({-1});
