@@ -1,5 +1,6 @@
 """bnext.SyncBatchNorm across 2 and 3 processes (gloo, CPU, localhost) against one process running
-nn.BatchNorm on the concatenated global batch."""
+nn.BatchNorm on the concatenated global batch; the same cases with the shards on CUDA where a GPU
+is present (gloo on one GPU, NCCL with one GPU per process)."""
 import datetime
 import os
 import sys
@@ -19,8 +20,8 @@ STEPS = 3
 CHANNELS = 5
 
 
-def spawn(worker, world, *args):
-    """Runs worker(rank, world, *args) in `world` processes of one gloo group; returns rank 0's failures.
+def spawn(worker, world, *args, backend="gloo"):
+    """Runs worker(rank, world, *args) in `world` processes of one group; returns rank 0's failures.
 
     The processes meet through a file store in a fresh directory rather than a TCP port: a port
     found free here could be taken by another process before rank 0 binds it."""
@@ -28,14 +29,17 @@ def spawn(worker, world, *args):
     failures = ctx.Manager().list()
     with tempfile.TemporaryDirectory() as directory:
         store = os.path.join(directory, "store")
-        mp.start_processes(_entry, args=(world, store, worker, failures, args), nprocs=world, start_method="spawn")
+        mp.start_processes(_entry, args=(world, store, worker, failures, args, backend), nprocs=world,
+                           start_method="spawn")
     return list(failures)
 
 
-def _entry(rank, world, store, worker, failures, args):
+def _entry(rank, world, store, worker, failures, args, backend):
     torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)  # NCCL wants one GPU per process; "cuda" below means this one
     # A timeout turns a collective that one process never joins into an error rather than a hang.
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
         worker(rank, world, failures, *args)  # workers catch their exceptions: every rank gets here
@@ -62,8 +66,10 @@ def _tolerances(dtype):
     return dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=2e-5)
 
 
-def _run_case(rank, world, sizes, dtype, channels_last, momentum, use_ddp, dims):
+def _run_case(rank, world, sizes, dtype, channels_last, momentum, use_ddp, dims, device="cpu"):
     """Several training steps of DDP(bnext.SyncBatchNorm) against nn.BatchNorm on the global batch.
+
+    The reference runs on the CPU; with device="cuda" each process's module and shard are on CUDA.
 
     Returns the mismatches found. It checks every step to the end rather than raising at the first
     mismatch, so that every process runs the same collectives whatever one of them finds.
@@ -72,7 +78,7 @@ def _run_case(rank, world, sizes, dtype, channels_last, momentum, use_ddp, dims)
 
     def check(got, expected, what):
         try:
-            torch.testing.assert_close(got, expected, **_tolerances(dtype))
+            torch.testing.assert_close(got.detach().cpu(), expected, **_tolerances(dtype))
         except AssertionError as e:
             mismatches.append(f"step {step} {what}: {e}")
 
@@ -85,6 +91,7 @@ def _run_case(rank, world, sizes, dtype, channels_last, momentum, use_ddp, dims)
         (nn.BatchNorm2d if dims == 4 else nn.BatchNorm1d)(CHANNELS, momentum=momentum).to(dtype), sync=True
     )
     module.load_state_dict(reference.state_dict())
+    module = module.to(device)
     model = nn.parallel.DistributedDataParallel(module) if use_ddp else module
     start, end = _bounds(sizes, rank)
     for step in range(STEPS):
@@ -97,9 +104,9 @@ def _run_case(rank, world, sizes, dtype, channels_last, momentum, use_ddp, dims)
         out_ref = reference(x_ref)
         (out_ref * grad).sum().backward()
 
-        x_local = x[start:end].clone().requires_grad_()
+        x_local = x[start:end].to(device).clone().requires_grad_()
         out = model(x_local)
-        (out * grad[start:end]).sum().backward()
+        (out * grad[start:end].to(device)).sum().backward()
 
         check(out, out_ref[start:end], "output")
         check(x_local.grad, x_ref.grad[start:end], "input gradient")
@@ -155,6 +162,24 @@ def test_sync_batchnorm_matches_global_batch_norm(world):
     3 steps; even, uneven and empty-shard splits; NCHW and channels_last; float32 and float64;
     momentum None; (N, C) input without DDP."""
     failures = spawn(_matches_worker, world, _cases(world))
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sync_batchnorm_on_one_gpu_through_gloo():
+    """The same cases with both processes' shards on one GPU: bnext's CUDA kernels for the local
+    passes, gloo's collectives on CUDA tensors. (NCCL cannot put two ranks on one GPU.)"""
+    failures = spawn(_matches_worker, 2, [dict(case, device="cuda") for case in _cases(2)])
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.device_count() >= 2 and dist.is_nccl_available()),
+    reason="NCCL needs one GPU per process: 2 GPUs and an NCCL build of torch",
+)
+def test_sync_batchnorm_with_nccl():
+    """The same cases on 2 GPUs with NCCL, one process per GPU."""
+    failures = spawn(_matches_worker, 2, [dict(case, device="cuda") for case in _cases(2)], backend="nccl")
     assert not failures, "\n".join(failures)
 
 
