@@ -13,10 +13,9 @@ import collections
 import statistics
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-import bnext
+from bnext import bench
 
 SHAPES = [
     ((64, 64, 56, 56), "contiguous"),
@@ -29,42 +28,14 @@ SHAPES = [
 CALLS = 20
 
 
-def make_call(batch_norm, shape, layout, dtype, case):
-    channels = shape[1]
-    x = torch.randn(shape, device="cuda", dtype=dtype)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    grad = torch.randn_like(x)
-    weight = torch.rand(channels, device="cuda", dtype=dtype) + 0.5
-    bias = torch.randn(channels, device="cuda", dtype=dtype)
-    running_mean = torch.zeros(channels, device="cuda", dtype=dtype)
-    running_var = torch.ones(channels, device="cuda", dtype=dtype)
-    if case == "fwd_bwd":
-        weight.requires_grad_()
-        bias.requires_grad_()
-
-    def call():
-        if case == "fwd_bwd":
-            weight.grad = bias.grad = None
-            leaf = x.detach().requires_grad_()
-            batch_norm(leaf, running_mean, running_var, weight, bias, True, 0.1, 1e-5).backward(grad)
-        else:
-            batch_norm(x, running_mean, running_var, weight, bias, case == "train_fwd", 0.1, 1e-5)
-
-    return call
+def make_calls(shape, layout, dtype, case):
+    """bnext.bench's own timers for one case: name -> one timed call, returning its seconds."""
+    timers = bench.make_timers(bench.Config(shape, layout, dtype, "cuda"), case)
+    return {name: timers[name] for name in ("torch", "bnext")}
 
 
 def event_ms(call):
-    samples = []
-    for _ in range(CALLS * 3):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end))
-    return statistics.median(samples)
+    return statistics.median(call() for _ in range(CALLS * 3)) * 1e3
 
 
 def kernel_times(call):
@@ -92,8 +63,7 @@ def short(name):
 def host_profiles():
     for shape, layout, dtype in (((64, 2048, 7, 7), "contiguous", torch.bfloat16),
                                  ((64, 64, 56, 56), "contiguous", torch.float32)):
-        for name, batch_norm in (("torch", F.batch_norm), ("bnext", bnext.batch_norm)):
-            call = make_call(batch_norm, shape, layout, dtype, "fwd_bwd")
+        for name, call in make_calls(shape, layout, dtype, "fwd_bwd").items():
             for _ in range(5):
                 call()
             torch.cuda.synchronize()
@@ -121,8 +91,7 @@ def main():
         dtype = getattr(torch, dtype_name)
         for shape, layout in SHAPES:
             for case in ("train_fwd", "fwd_bwd", "eval_fwd"):
-                for name, batch_norm in (("torch", F.batch_norm), ("bnext", bnext.batch_norm)):
-                    call = make_call(batch_norm, shape, layout, dtype, case)
+                for name, call in make_calls(shape, layout, dtype, case).items():
                     for _ in range(5):
                         call()
                     elapsed = event_ms(call) * 1e3
