@@ -165,11 +165,16 @@ def test_sync_batchnorm_matches_global_batch_norm(world):
     assert not failures, "\n".join(failures)
 
 
+def _cuda_cases():
+    """The 2-process cases with each process's module and shard on CUDA."""
+    return [dict(case, device="cuda") for case in _cases(2)]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_sync_batchnorm_on_one_gpu_through_gloo():
     """The same cases with both processes' shards on one GPU: bnext's CUDA kernels for the local
     passes, gloo's collectives on CUDA tensors. (NCCL cannot put two ranks on one GPU.)"""
-    failures = spawn(_matches_worker, 2, [dict(case, device="cuda") for case in _cases(2)])
+    failures = spawn(_matches_worker, 2, _cuda_cases())
     assert not failures, "\n".join(failures)
 
 
@@ -179,7 +184,7 @@ def test_sync_batchnorm_on_one_gpu_through_gloo():
 )
 def test_sync_batchnorm_with_nccl():
     """The same cases on 2 GPUs with NCCL, one process per GPU."""
-    failures = spawn(_matches_worker, 2, [dict(case, device="cuda") for case in _cases(2)], backend="nccl")
+    failures = spawn(_matches_worker, 2, _cuda_cases(), backend="nccl")
     assert not failures, "\n".join(failures)
 
 
