@@ -200,6 +200,7 @@ def test_statistics_stay_exact_when_the_first_values_are_outliers(shape, layout,
         ((3, 3, 16, 64, 64), "contiguous"),
         ((64, 41, 7, 7), "contiguous"),  # short planes of a large batch, read as Columns on AVX2
         ((2048, 2100), "contiguous"),  # over 16 MB with its gradient: float32 backward sums in memory order
+        ((8, 1024, 14, 14), "contiguous"),  # 19 MB of float32 dy, x and dx: input gradient in blocks of channels
     ],
 )
 def test_results_do_not_depend_on_thread_count(shape, layout, dtype):
@@ -223,6 +224,26 @@ def test_results_do_not_depend_on_thread_count(shape, layout, dtype):
     for other in outputs[1:]:
         for got, expected in zip(other, outputs[0]):
             assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_backward_of_short_planes_beyond_the_caches_matches_float64(training):
+    """Planes under 256 values whose backward touches more than the caches near the threads hold
+    (dy, x and dx of 8x1024x14x14 float32: 19 MB, over half of a 32 MB L3) take their input
+    gradient in blocks of channels, in memory order, after the block's sums."""
+    shape = (8, 1024, 14, 14)
+    x = make_input(shape, torch.float32, "contiguous") * 2 + 3
+    grad = make_input(shape, torch.float32, "contiguous", seed=1)
+    weight, bias = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
+    running_mean, running_var = torch.randn(shape[1]), torch.rand(shape[1]) + 0.5
+    inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    bnext.batch_norm(inputs[0], running_mean.clone(), running_var.clone(), inputs[1], inputs[2], training).backward(grad)
+    exact = [t.double().requires_grad_() for t in (x, weight, bias)]
+    F.batch_norm(exact[0], running_mean.double(), running_var.double(), exact[1], exact[2], training).backward(
+        grad.double()
+    )
+    for got, expected in zip(inputs, exact):
+        assert_close(got.grad, expected.grad.float(), torch.float32)
 
 
 def _bits(t):
