@@ -2056,15 +2056,24 @@ bool planes_in_channel_blocks(const Layout& layout, int64_t bytes) {
   return !layout.rows && layout.inner < kMinStreamedPlane && !fits_in_near_caches(bytes);
 }
 
-// In parallel, block by block of channels [c0, c1): channel(c) for each of them (its sums), then
-// plane(n, c) over the block's planes in memory order, the block's planes still in cache. Blocks
-// are narrower where needed to give each thread 4 of them.
-template <typename Channel, typename Plane>
-void planar_blocks(const Layout& layout, bool stream, const Channel& channel, const Plane& plane) {
+// Channels per block of planar_blocks for a pass over `bytes` in all: 1 (channel by channel) unless
+// planes_in_channel_blocks, else a block of at most kPlaneBlockValues per tensor, narrower where
+// needed to give each thread 4 blocks.
+int64_t plane_block_width(const Layout& layout, int64_t bytes) {
+  if (!planes_in_channel_blocks(layout, bytes)) {
+    return 1;
+  }
   const int64_t per_thread = std::max<int64_t>(1, layout.channels / (4 * at::get_num_threads()));
-  const int64_t width =
-      std::clamp<int64_t>(kPlaneBlockValues / std::max<int64_t>(1, layout.batch * layout.inner), 1, per_thread);
+  return std::clamp<int64_t>(kPlaneBlockValues / std::max<int64_t>(1, layout.batch * layout.inner), 1, per_thread);
+}
+
+// In parallel, block by block of `width` channels [c0, c1): channel(c) for each of them (its
+// sums), then images(c, n0, n1) over the block's planes in memory order, the block's planes still
+// in cache. A block of one channel takes all its images in one call.
+template <typename Channel, typename Images>
+void planar_blocks(const Layout& layout, int64_t width, bool stream, const Channel& channel, const Images& images) {
   const int64_t num_blocks = (layout.channels + width - 1) / width;
+  const int64_t images_per_step = width == 1 ? layout.batch : 1;
   parallel_for_output(0, num_blocks, 1, stream, [&](int64_t block_begin, int64_t block_end) {
     for (int64_t block = block_begin; block < block_end; ++block) {
       const int64_t c0 = block * width;
@@ -2072,9 +2081,9 @@ void planar_blocks(const Layout& layout, bool stream, const Channel& channel, co
       for (int64_t c = c0; c < c1; ++c) {
         channel(c);
       }
-      for (int64_t n = 0; n < layout.batch; ++n) {
+      for (int64_t n = 0; n < layout.batch; n += images_per_step) {
         for (int64_t c = c0; c < c1; ++c) {
-          plane(n, c);
+          images(c, n, std::min(layout.batch, n + images_per_step));
         }
       }
     }
@@ -2545,35 +2554,22 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
           });
           return;
         }
-        if (output_mask[0] && planes_in_channel_blocks(layout, 3 * static_cast<int64_t>(x.nbytes()))) {
-          std::vector<InputGradient<opmath_t>> g(channels);
-          planar_blocks(
-              layout, stream,
-              [&](int64_t c) {
-                if (need_sums) {
-                  std::tie(sum_dy[c], sum_dy_xmu[c]) =
-                      split_channel_grad_sums<double>(dy_data, x_data, layout, split, c, mean_op[c]);
-                }
-                g[c] = gradient(c, invstd_c[c], weight_c[c]);
-              },
-              [&](int64_t n, int64_t c) {
-                channel_input_grad(dy_data, x_data, dx_data, layout, c, n, n + 1, mean_op[c], g[c], training, stream);
-              });
-          return;
-        }
-        parallel_for_output(0, channels, 1, stream, [&](int64_t c_begin, int64_t c_end) {
-          for (int64_t c = c_begin; c < c_end; ++c) {
-            if (need_sums) {
-              std::tie(sum_dy[c], sum_dy_xmu[c]) =
-                  split_channel_grad_sums<double>(dy_data, x_data, layout, split, c, mean_op[c]);
-            }
-            if (!output_mask[0]) {
-              continue;
-            }
-            channel_input_grad(dy_data, x_data, dx_data, layout, c, 0, layout.batch, mean_op[c],
-                               gradient(c, invstd_c[c], weight_c[c]), training, stream);
-          }
-        });
+        const int64_t width = output_mask[0] ? plane_block_width(layout, 3 * static_cast<int64_t>(x.nbytes())) : 1;
+        std::vector<InputGradient<opmath_t>> g(channels);
+        planar_blocks(
+            layout, width, stream,
+            [&](int64_t c) {
+              if (need_sums) {
+                std::tie(sum_dy[c], sum_dy_xmu[c]) =
+                    split_channel_grad_sums<double>(dy_data, x_data, layout, split, c, mean_op[c]);
+              }
+              g[c] = gradient(c, invstd_c[c], weight_c[c]);
+            },
+            [&](int64_t c, int64_t n0, int64_t n1) {
+              if (output_mask[0]) {
+                channel_input_grad(dy_data, x_data, dx_data, layout, c, n0, n1, mean_op[c], g[c], training, stream);
+              }
+            });
         return;
       }
       const RowGradients<opmath_t> g{mean_op.data(), dy_scale.data(), xmu_scale.data(), shift.data()};
