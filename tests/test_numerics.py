@@ -80,6 +80,32 @@ def test_reduced_precision_output_rounds_as_torch(device, shape, layout, dtype):
     assert torch.equal(y.view(torch.int16).masked_fill(nan, 0), expected.view(torch.int16).masked_fill(nan, 0))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_bfloat16_value_rounds_as_torch_on_cpu(layout):
+    """All 65536 bfloat16 bit patterns through a CPU eval, in runs long enough for whole vectors:
+    the output is torch's conversion of bnext's float32 result, ties to even included. Channels 0
+    and 1 scale by 1.5 and 1.25 exactly, which puts thousands of results on ties."""
+    values = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    x = values.reshape(8, 4, 2048)
+    if layout == "channels_last":  # the same values, channel fastest in memory
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    running_mean = torch.tensor([0.0, 0.0, 0.3, -1.7])
+    running_var = torch.tensor([1.0, 1.0, 0.7, 2.5])
+    weight = torch.tensor([1.5, 1.25, 1.3, -0.6])
+    bias = torch.tensor([0.0, 0.0, 0.25, 3.0])
+    params = (running_mean, running_var, weight, bias)
+    y = bnext.batch_norm(x, *params, training=False, eps=0.0)
+    exact = bnext.batch_norm(x.float(), *params, training=False, eps=0.0)
+    expected = exact.to(torch.bfloat16)
+    finite = exact[:, :2].isfinite()
+    ties = exact[:, :2][finite].view(torch.int32) & 0xFFFF == 0x8000
+    kept_odd = exact[:, :2][finite].view(torch.int32) & 0x10000 != 0
+    assert (ties & kept_odd).sum() > 1000 and (ties & ~kept_odd).sum() > 1000
+    nan = y.isnan()
+    assert torch.equal(nan, expected.isnan())
+    assert torch.equal(y.view(torch.int16).masked_fill(nan, 0), expected.view(torch.int16).masked_fill(nan, 0))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "shape,layout",

@@ -245,6 +245,60 @@ C10_ALWAYS_INLINE void store_pair(scalar_t* data, const OpVec<scalar_t>& first, 
 #endif
 }
 
+// Whether an elementwise pass whose lanes all compute alike (one channel's run, map_run) takes
+// bfloat16 two vectors at a time in an order of their own (load_interleaved, store_interleaved):
+// on AVX2, widening 16 values in order takes two conversions and two shifts and narrowing them
+// back a cross-lane permute, where the interleaved order takes two unpacks and no permute. In a
+// standalone loop of y = (x - c) * s + t on an AMD EPYC (Zen 3), 1 thread, data in L2: 4.8 ->
+// 5.9-6.5 values/ns.
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+template <typename scalar_t>
+constexpr bool kInterleavedPairs = std::is_same_v<scalar_t, at::BFloat16>;
+
+// The 16 bfloat16 values at `data` as two float vectors: the first holds values 0-3 and 8-11, the
+// second 4-7 and 12-15 (the unpacks work within each 128-bit half).
+C10_ALWAYS_INLINE VecPair<at::BFloat16> load_interleaved(const at::BFloat16* data) {
+  const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(data));
+  const __m256i zero = _mm256_setzero_si256();
+  VecPair<at::BFloat16> pair;
+  pair[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, packed));
+  pair[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, packed));
+  return pair;
+}
+
+// Float lanes rounded to the nearest bfloat16, ties to even, in the low half of each 32-bit lane
+// (NaN excepted: a NaN's payload may round to infinity).
+C10_ALWAYS_INLINE __m256i round_to_bfloat16(const __m256& values) {
+  const __m256i bits = _mm256_castps_si256(values);
+  const __m256i lowest_kept = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i half_below = _mm256_add_epi32(lowest_kept, _mm256_set1_epi32(0x7fff));
+  return _mm256_srli_epi32(_mm256_add_epi32(bits, half_below), 16);
+}
+
+// load_interleaved's counterpart: the pair's values back in order at `data`, converted bit for bit
+// as torch converts, streaming when `stream` is set and the destination is aligned. A pair holding
+// a NaN takes torch's conversion, and a permute back to this order.
+C10_ALWAYS_INLINE void store_interleaved(at::BFloat16* data, const __m256& first, const __m256& second, bool stream) {
+  __m256i packed;
+  if (C10_LIKELY(_mm256_movemask_ps(_mm256_cmp_ps(first, second, _CMP_UNORD_Q)) == 0)) {
+    // packus takes the low halves of first's and second's lanes in turn, 128 bits at a time: the
+    // values' own order.
+    packed = _mm256_packus_epi32(round_to_bfloat16(first), round_to_bfloat16(second));
+  } else {
+    // torch's conversion gives first's 8 values, then second's: values 0-3, 8-11, 4-7, 12-15.
+    packed = _mm256_permute4x64_epi64(at::vec::convert_from_float<at::BFloat16>(first, second), 0xd8);
+  }
+  if (stream && reinterpret_cast<uintptr_t>(data) % sizeof(__m256i) == 0) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(data), packed);
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(data), packed);
+  }
+}
+#else
+template <typename scalar_t>
+constexpr bool kInterleavedPairs = false;
+#endif
+
 #if defined(CPU_CAPABILITY_AVX512)
 using NarrowVec = __m256i;
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -1018,7 +1072,9 @@ constexpr bool kOverlapTails = false;
 constexpr bool kOverlapTails = true;
 #endif
 
-// out[i..] = values(i, count) over n values, one vector (count values) at a time. With `stream`,
+// out[i..] = values(load) over n values, one vector (count values) at a time, where load(in)
+// gives the vector of an input run `in` at the same positions: the lanes must all compute alike,
+// as kInterleavedPairs may hand them over in another order. With `stream`,
 // whole lines are written with streaming stores, and the values before the first line boundary
 // and after the last one with ordinary stores, as a line partly streamed makes streaming slow.
 // A partial vector ends the run (short planes, 7x7, are mostly tail), or with kOverlapTails the
@@ -1030,22 +1086,31 @@ C10_ALWAYS_INLINE void map_run(scalar_t* out, int64_t n, bool stream, const Valu
   constexpr int64_t kStep = kStoresPairs<scalar_t> ? 2 * kSize : kSize;
   constexpr int64_t kLine = kLineValues<scalar_t>;
   static_assert(kLine % kStep == 0);
+  // values at the `count` positions from i.
+  const auto values_at = [&](int64_t i, int64_t count) C10_ALWAYS_INLINE_ATTRIBUTE {
+    return values([&](const scalar_t* in) C10_ALWAYS_INLINE_ATTRIBUTE { return load_vec(in + i, count); });
+  };
   // The kStep values at out + i.
   const auto store_step = [&](int64_t i, bool streamed) C10_ALWAYS_INLINE_ATTRIBUTE {
-    if constexpr (kStoresPairs<scalar_t>) {
-      store_pair(out + i, values(i, kSize), values(i + kSize, kSize), streamed);
+    if constexpr (kInterleavedPairs<scalar_t>) {
+      const auto half = [&](int64_t k) C10_ALWAYS_INLINE_ATTRIBUTE {
+        return values([&](const scalar_t* in) C10_ALWAYS_INLINE_ATTRIBUTE { return load_interleaved(in + i)[k]; });
+      };
+      store_interleaved(out + i, half(0), half(1), streamed);
+    } else if constexpr (kStoresPairs<scalar_t>) {
+      store_pair(out + i, values_at(i, kSize), values_at(i + kSize, kSize), streamed);
     } else if (streamed) {
-      store_output(out + i, values(i, kSize), /*stream=*/true);
+      store_output(out + i, values_at(i, kSize), /*stream=*/true);
     } else {
-      store_vec(out + i, values(i, kSize));
+      store_vec(out + i, values_at(i, kSize));
     }
   };
   // The values [i, end), fewer than a vector, of a stretch written with ordinary stores from `begin`.
   const auto store_rest = [&](int64_t i, int64_t end, int64_t begin) C10_ALWAYS_INLINE_ATTRIBUTE {
     if (kOverlapTails && end - begin >= kSize) {
-      store_vec(out + end - kSize, values(end - kSize, kSize));
+      store_vec(out + end - kSize, values_at(end - kSize, kSize));
     } else {
-      store_vec(out + i, values(i, end - i), end - i);
+      store_vec(out + i, values_at(i, end - i), end - i);
     }
   };
   int64_t i = 0;
@@ -1055,7 +1120,7 @@ C10_ALWAYS_INLINE void map_run(scalar_t* out, int64_t n, bool stream, const Valu
     const int64_t head = misalignment == 0 ? 0 : std::min(n, kLine - misalignment);
     const int64_t streamed_end = head + (n - head) / kLine * kLine;
     for (; i + kSize <= head; i += kSize) {
-      store_vec(out + i, values(i, kSize));
+      store_vec(out + i, values_at(i, kSize));
     }
     if (i < head) {
       store_rest(i, head, 0);
@@ -1070,7 +1135,7 @@ C10_ALWAYS_INLINE void map_run(scalar_t* out, int64_t n, bool stream, const Valu
     store_step(i, /*streamed=*/false);
   }
   if (kStep > kSize && i + kSize <= n) {
-    store_vec(out + i, values(i, kSize));
+    store_vec(out + i, values_at(i, kSize));
     i += kSize;
   }
   if (i < n) {
@@ -1084,8 +1149,8 @@ C10_ALWAYS_INLINE void normalize_run(const scalar_t* x, scalar_t* y, int64_t n, 
                                      bool stream) {
   using Vec = OpVec<scalar_t>;
   const Vec center(affine.center), scale(affine.scale), shift(affine.shift);
-  map_run(y, n, stream, [&](int64_t i, int64_t count) C10_ALWAYS_INLINE_ATTRIBUTE {
-    return at::vec::fmadd(load_vec(x + i, count) - center, scale, shift);
+  map_run(y, n, stream, [&](const auto& load) C10_ALWAYS_INLINE_ATTRIBUTE {
+    return at::vec::fmadd(load(x) - center, scale, shift);
   });
 }
 
@@ -1231,9 +1296,9 @@ C10_ALWAYS_INLINE void input_grad_run(const scalar_t* dy, const scalar_t* x, sca
                                       const InputGradient<opmath_t>& g, bool stream) {
   using Vec = OpVec<scalar_t>;
   const Vec mean_vec(mean), dy_scale(g.dy_scale), xmu_scale(g.xmu_scale), shift(g.shift);
-  map_run(dx, n, stream, [&](int64_t i, int64_t count) C10_ALWAYS_INLINE_ATTRIBUTE {
-    const Vec xmu_term = at::vec::fmadd(load_vec(x + i, count) - mean_vec, xmu_scale, shift);
-    return at::vec::fmadd(load_vec(dy + i, count), dy_scale, xmu_term);
+  map_run(dx, n, stream, [&](const auto& load) C10_ALWAYS_INLINE_ATTRIBUTE {
+    const Vec xmu_term = at::vec::fmadd(load(x) - mean_vec, xmu_scale, shift);
+    return at::vec::fmadd(load(dy), dy_scale, xmu_term);
   });
 }
 
