@@ -1180,9 +1180,10 @@ C10_ALWAYS_INLINE Vec permute_lanes(const Vec& table, const IndexVec& index) {
   return Vec::loadu(to);
 }
 
-// out[i..] = values(i, count, picked) over a whole planar tensor in memory order, one vector
-// (count values) at a time, for planes shorter than kMinStreamedPlane (planes_in_memory_order,
-// planes_as_columns).
+// out[i..] = values(load, picked) over a whole planar tensor in memory order, one vector (count
+// values) at a time, for planes shorter than kMinStreamedPlane (planes_in_memory_order,
+// planes_as_columns); load(in) gives the vector of an input tensor `in` at the same positions, in
+// the lane order of picked (kInterleavedPairs may hand pairs over interleaved).
 // picked[k] holds, in each lane, coefficient k of that lane's channel. The tensor is walked in
 // blocks of as many planes as a vector has lanes: a block is `inner` whole vectors, and its
 // planes' coefficients are one vector each, loaded from `cyclic[k]` at the first plane's channel
@@ -1211,6 +1212,10 @@ void map_plane_blocks(scalar_t* out, const Layout& layout, bool stream, std::arr
   const Vec first_positions = Vec::arange(opmath_t(0.5), opmath_t(1));
   const Vec inverse_inner(static_cast<opmath_t>(1.0 / static_cast<double>(inner)));
   const Vec step(static_cast<opmath_t>(kSize));
+  // Positions of an interleaved pair's lanes past those of a vector in order (kInterleavedPairs):
+  // the first vector's low half 0, its high half kSize / 2; the second vector's kSize / 2 and kSize.
+  const std::array<Vec, 2> pair_offsets{Vec::set(Vec(opmath_t(kSize / 2)), Vec(opmath_t(0)), kSize / 2),
+                                        Vec::set(Vec(opmath_t(kSize)), Vec(opmath_t(kSize / 2)), kSize / 2)};
   const int64_t grain = std::max<int64_t>(1, kGrainValues / (kSize * inner));
   parallel_for_output(0, num_blocks, grain, stream, [&](int64_t block_begin, int64_t block_end) {
     // Locals: the loop would reload what it reads through the task's captures after every store.
@@ -1220,6 +1225,7 @@ void map_plane_blocks(scalar_t* out, const Layout& layout, bool stream, std::arr
     const Vec task_first_positions = first_positions;
     const Vec task_inverse_inner = inverse_inner;
     const Vec task_step = step;
+    const std::array<Vec, 2> task_pair_offsets = pair_offsets;
     for (int64_t block = block_begin; block < block_end; ++block) {
       const int64_t first_plane = block * kSize;
       std::array<Vec, K> block_values;
@@ -1229,15 +1235,21 @@ void map_plane_blocks(scalar_t* out, const Layout& layout, bool stream, std::arr
       const int64_t begin = first_plane * inner;
       const int64_t end = std::min(planes, first_plane + kSize) * inner;
       Vec positions = task_first_positions;
-      // The values of the count values at i, the block's next ones.
-      const auto next_values = [&](int64_t i, int64_t count) C10_ALWAYS_INLINE_ATTRIBUTE {
-        const auto lane_planes = at::vec::convert_to_int_of_same_size((positions * task_inverse_inner).floor());
-        positions = positions + task_step;
+      // The values of lanes at `lane_positions` (of a value's middle, from the block's start).
+      const auto values_at = [&](const Vec& lane_positions, const auto& load) C10_ALWAYS_INLINE_ATTRIBUTE {
+        const auto lane_planes = at::vec::convert_to_int_of_same_size((lane_positions * task_inverse_inner).floor());
         std::array<Vec, K> picked;
         for (int64_t k = 0; k < K; ++k) {
           picked[k] = permute_lanes(block_values[k], lane_planes);
         }
-        return task_values(i, count, picked);
+        return task_values(load, picked);
+      };
+      // The values of the count values at i, the block's next ones.
+      const auto next_values = [&](int64_t i, int64_t count) C10_ALWAYS_INLINE_ATTRIBUTE {
+        const Vec lane_positions = positions;
+        positions = positions + task_step;
+        return values_at(lane_positions,
+                         [&](const scalar_t* in) C10_ALWAYS_INLINE_ATTRIBUTE { return load_vec(in + i, count); });
       };
       int64_t i = begin;
       if constexpr (kStoresPairs<scalar_t>) {
@@ -1246,8 +1258,19 @@ void map_plane_blocks(scalar_t* out, const Layout& layout, bool stream, std::arr
           i += kSize;
         }
         for (; i + 2 * kSize <= end; i += 2 * kSize) {
-          const Vec first = next_values(i, kSize);
-          store_pair(task_out + i, first, next_values(i + kSize, kSize), task_stream);
+          if constexpr (kInterleavedPairs<scalar_t>) {
+            // Lanes 4-7 of the first vector hold values 8-11, the second's 0-3 values 4-7.
+            const auto half = [&](int64_t k) C10_ALWAYS_INLINE_ATTRIBUTE {
+              return values_at(positions + task_pair_offsets[k], [&](const scalar_t* in) C10_ALWAYS_INLINE_ATTRIBUTE {
+                return load_interleaved(in + i)[k];
+              });
+            };
+            store_interleaved(task_out + i, half(0), half(1), task_stream);
+            positions = positions + task_step + task_step;
+          } else {
+            const Vec first = next_values(i, kSize);
+            store_pair(task_out + i, first, next_values(i + kSize, kSize), task_stream);
+          }
         }
       }
       for (; i < end; i += kSize) {
@@ -1270,8 +1293,8 @@ void normalize_planes_in_order(const scalar_t* x, scalar_t* y, const Layout& lay
   map_plane_blocks<3>(y, layout, stream,
                       std::array<const opmath_t*, 3>{affines.center.data(), affines.scale.data(),
                                                      affines.shift.data()},
-                      [=](int64_t i, int64_t count, const std::array<Vec, 3>& k) C10_ALWAYS_INLINE_ATTRIBUTE {
-                        return at::vec::fmadd(load_vec(x + i, count) - k[0], k[1], k[2]);
+                      [=](const auto& load, const std::array<Vec, 3>& k) C10_ALWAYS_INLINE_ATTRIBUTE {
+                        return at::vec::fmadd(load(x) - k[0], k[1], k[2]);
                       });
 }
 
@@ -2452,17 +2475,17 @@ void input_grad_in_memory_order(const scalar_t* dy, const scalar_t* x, scalar_t*
   }
   if (!training) {  // dx = dy * dy_scale
     map_plane_blocks<1>(dx, layout, stream, std::array<const opmath_t*, 1>{dy_scale.data()},
-                        [=](int64_t i, int64_t count, const std::array<Vec, 1>& k) C10_ALWAYS_INLINE_ATTRIBUTE {
-                          return load_vec(dy + i, count) * k[0];
+                        [=](const auto& load, const std::array<Vec, 1>& k) C10_ALWAYS_INLINE_ATTRIBUTE {
+                          return load(dy) * k[0];
                         });
     return;
   }
   map_plane_blocks<4>(
       dx, layout, stream,
       std::array<const opmath_t*, 4>{mean.data(), dy_scale.data(), xmu_scale.data(), shift.data()},
-      [=](int64_t i, int64_t count, const std::array<Vec, 4>& k) C10_ALWAYS_INLINE_ATTRIBUTE {
-        const Vec xmu_term = at::vec::fmadd(load_vec(x + i, count) - k[0], k[2], k[3]);
-        return at::vec::fmadd(load_vec(dy + i, count), k[1], xmu_term);
+      [=](const auto& load, const std::array<Vec, 4>& k) C10_ALWAYS_INLINE_ATTRIBUTE {
+        const Vec xmu_term = at::vec::fmadd(load(x) - k[0], k[2], k[3]);
+        return at::vec::fmadd(load(dy), k[1], xmu_term);
       });
 }
 
