@@ -229,6 +229,17 @@ C10_ALWAYS_INLINE VecPair<scalar_t> load_pair(const scalar_t* data) {
   return pair;
 }
 
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+// 32 bytes at `data`, streaming when `stream` is set and the destination is aligned.
+C10_ALWAYS_INLINE void store_packed(void* data, const __m256i& packed, bool stream) {
+  if (stream && reinterpret_cast<uintptr_t>(data) % sizeof(__m256i) == 0) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(data), packed);
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(data), packed);
+  }
+}
+#endif
+
 // Two vectors' values at `data` (kStoresPairs only): one conversion and one 32-byte store,
 // streaming when `stream` is set and the destination is aligned.
 template <typename scalar_t>
@@ -236,17 +247,13 @@ C10_ALWAYS_INLINE void store_pair(scalar_t* data, const OpVec<scalar_t>& first, 
                                   bool stream) {
   static_assert(kStoresPairs<scalar_t>, "pairs are stored only where kStoresPairs");
 #if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
-  const __m256i packed = at::vec::convert_from_float<scalar_t>(first, second);
-  if (stream && reinterpret_cast<uintptr_t>(data) % sizeof(__m256i) == 0) {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(data), packed);
-  } else {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(data), packed);
-  }
+  store_packed(data, at::vec::convert_from_float<scalar_t>(first, second), stream);
 #endif
 }
 
-// Whether an elementwise pass whose lanes all compute alike (one channel's run, map_run) takes
-// bfloat16 two vectors at a time in an order of their own (load_interleaved, store_interleaved):
+// Whether elementwise passes (map_run, map_plane_blocks) take bfloat16 two vectors at a time in
+// an order of their own (load_interleaved, store_interleaved), their lanes' coefficients alike or
+// picked by lane:
 // on AVX2, widening 16 values in order takes two conversions and two shifts and narrowing them
 // back a cross-lane permute, where the interleaved order takes two unpacks and no permute. In a
 // standalone loop of y = (x - c) * s + t on an AMD EPYC (Zen 3), 1 thread, data in L2: 4.8 ->
@@ -288,11 +295,7 @@ C10_ALWAYS_INLINE void store_interleaved(at::BFloat16* data, const __m256& first
     // torch's conversion gives first's 8 values, then second's: values 0-3, 8-11, 4-7, 12-15.
     packed = _mm256_permute4x64_epi64(at::vec::convert_from_float<at::BFloat16>(first, second), 0xd8);
   }
-  if (stream && reinterpret_cast<uintptr_t>(data) % sizeof(__m256i) == 0) {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(data), packed);
-  } else {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(data), packed);
-  }
+  store_packed(data, packed, stream);
 }
 #else
 template <typename scalar_t>
