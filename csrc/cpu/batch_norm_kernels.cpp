@@ -253,11 +253,10 @@ C10_ALWAYS_INLINE void store_pair(scalar_t* data, const OpVec<scalar_t>& first, 
 
 // Whether elementwise passes (map_run, map_plane_blocks) take bfloat16 two vectors at a time in
 // an order of their own (load_interleaved, store_interleaved), their lanes' coefficients alike or
-// picked by lane:
-// on AVX2, widening 16 values in order takes two conversions and two shifts and narrowing them
-// back a cross-lane permute, where the interleaved order takes two unpacks and no permute. In a
-// standalone loop of y = (x - c) * s + t on an AMD EPYC (Zen 3), 1 thread, data in L2: 4.8 ->
-// 5.9-6.5 values/ns.
+// picked by lane: on AVX2, widening 16 values in order takes two conversions and two shifts and
+// narrowing them back a cross-lane permute, where the interleaved order takes two unpacks and no
+// permute. In a standalone loop of y = (x - c) * s + t on an AMD EPYC (Zen 3), 1 thread, data in
+// L2: 4.8 -> 5.9-6.5 values/ns.
 #if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
 template <typename scalar_t>
 constexpr bool kInterleavedPairs = std::is_same_v<scalar_t, at::BFloat16>;
