@@ -59,6 +59,40 @@ def test_eager_twin_matches_registered_op_bitwise(device, layout, training):
 
 
 @pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("device", DEVICES)
+def test_eager_twin_without_gradients_matches_recorded_call(device, training):
+    """Grad mode on and no argument requiring a gradient: the twin skips its autograd Function,
+    records nothing, and gives bit for bit what the recorded call gives."""
+    outputs = {}
+    for requires_grad in (False, True):
+        if training:
+            args = _train_args(torch.float32, "channels_last", requires_grad, device)
+            outputs[requires_grad] = ops.batch_norm_train_eager(*args)
+        else:
+            outputs[requires_grad] = (ops.batch_norm_eval_eager(*_eval_args(torch.float32, "channels_last",
+                                                                            requires_grad, device)),)
+    assert outputs[True][0].grad_fn is not None
+    for got, expected in zip(outputs[False], outputs[True]):
+        assert got.grad_fn is None and not got.requires_grad
+        torch.testing.assert_close(got, expected.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_forward_mode_ad_is_rejected_not_dropped(training):
+    """A dual input raises (the C++ Function has no jvp) rather than losing its tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, running_mean, running_var, weight, bias, eps = _eval_args(torch.float64, "contiguous", False)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        with pytest.raises(RuntimeError, match="jvp is not implemented"):
+            if training:
+                ops.batch_norm_train_eager(dual, weight, bias, eps)
+            else:
+                ops.batch_norm_eval_eager(dual, running_mean, running_var, weight, bias, eps)
+
+
+@pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
