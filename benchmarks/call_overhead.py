@@ -2,9 +2,11 @@
 
     python benchmarks/call_overhead.py [--json PATH]
 
-For each shape, times training forward and backward three ways, for bnext and for torch, all in
-one run: the kernels alone (operators called below autograd), the functional call with a graph
-recorded, and its backward. The gap between the first and the others is the fixed cost per call.
+For each shape, for bnext and for torch, all in one run: the training forward and backward
+kernels alone (operators called below autograd); the functional call, training and eval, with no
+gradient to record (nothing requires grad: inference, a frozen layer); the functional training
+call with a graph recorded, and its backward. The gap between the kernels and the calls is the
+fixed cost per call.
 """
 import argparse
 import json
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import bnext
+from bnext.bench import git_commit
 
 SHAPES = [((8, 512, 7, 7), "contiguous"), ((8, 512, 7, 7), "channels_last"), ((8, 2048, 7, 7), "channels_last"),
           ((8, 256, 14, 14), "contiguous"), ((8, 256, 14, 14), "channels_last"), ((256, 1024), "contiguous"),
@@ -62,6 +65,10 @@ def measure(shape, layout):
             KERNELS_ONLY, grad, x, weight, None, None, mean, invstd, True, 1e-5, [True, True, True]),
     }
     result = {f"kernel_{name}_ms": median_ms(fn) for name, fn in kernels.items()}
+    for name, batch_norm in [("bnext", bnext.batch_norm), ("torch", F.batch_norm)]:
+        for mode, training in [("fwd", True), ("eval", False)]:
+            frozen = (torch.zeros(channels), torch.ones(channels), weight, bias, training)
+            result[f"no_graph_{name}_{mode}_ms"] = median_ms(lambda: batch_norm(x, *frozen))
     x_grad = x.clone().requires_grad_()
     parameters = (torch.zeros(channels), torch.ones(channels), weight.clone().requires_grad_(),
                   bias.clone().requires_grad_(), True)
@@ -77,6 +84,7 @@ def main():
     args = parser.parse_args()
     rows = []
     print(f"{'shape':14s} {'layout':14s}  kernels fwd torch/bnext  kernels bwd torch/bnext  "
+          "no-graph fwd torch/bnext  no-graph eval torch/bnext  "
           "autograd fwd torch/bnext  autograd bwd torch/bnext (ms)")
     for shape, layout in SHAPES:
         r = measure(shape, layout)
@@ -84,11 +92,13 @@ def main():
         print(f"{'x'.join(map(str, shape)):14s} {layout:14s}  "
               f"{r['kernel_torch_fwd_ms']:.3f}/{r['kernel_bnext_fwd_ms']:.3f}             "
               f"{r['kernel_torch_bwd_ms']:.3f}/{r['kernel_bnext_bwd_ms']:.3f}             "
+              f"{r['no_graph_torch_fwd_ms']:.3f}/{r['no_graph_bnext_fwd_ms']:.3f}              "
+              f"{r['no_graph_torch_eval_ms']:.3f}/{r['no_graph_bnext_eval_ms']:.3f}                "
               f"{r['autograd_torch_fwd_ms']:.3f}/{r['autograd_bnext_fwd_ms']:.3f}              "
               f"{r['autograd_torch_bwd_ms']:.3f}/{r['autograd_bnext_bwd_ms']:.3f}", flush=True)
     if args.json:
         metadata = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__}
+                    "torch": torch.__version__, "git_commit": git_commit()}
         with open(args.json, "w") as f:
             json.dump({"metadata": metadata, "results": rows}, f, indent=1)
 
