@@ -1,6 +1,7 @@
 """The torch.ops.bnext operators: opcheck, gradcheck and gradgradcheck in float64."""
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.autograd import gradcheck, gradgradcheck
 
 import bnext  # noqa: F401  (registers torch.ops.bnext)
@@ -80,8 +81,6 @@ def test_eager_twin_without_gradients_matches_recorded_call(device, training):
 @pytest.mark.parametrize("training", [True, False])
 def test_forward_mode_ad_is_rejected_not_dropped(training):
     """A dual input raises (the C++ Function has no jvp) rather than losing its tangent."""
-    import torch.autograd.forward_ad as fwAD
-
     x, running_mean, running_var, weight, bias, eps = _eval_args(torch.float64, "contiguous", False)
     with fwAD.dual_level():
         dual = fwAD.make_dual(x, torch.ones_like(x))

@@ -6,6 +6,7 @@
 // API takes them outside torch.compile and torch.export, which keep the register_autograd ops.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include "../batch_norm_checks.h"
@@ -127,17 +128,6 @@ struct EvalFunction : torch::autograd::Function<EvalFunction> {
   }
 };
 
-// Whether autograd has anything to do with `tensor`: a gradient to record (in grad mode) or a
-// forward-mode gradient.
-bool takes_part_in_autograd(const Tensor& tensor) {
-  return tensor.defined() &&
-         ((at::GradMode::is_enabled() && tensor.requires_grad()) || tensor._fw_grad(/*level=*/0).defined());
-}
-
-bool takes_part_in_autograd(const OptionalTensor& tensor) {
-  return tensor.has_value() && takes_part_in_autograd(*tensor);
-}
-
 // Whether a twin's call goes through its autograd Function, or straight to the functional op below
 // autograd. With no gradient to record, Function::apply would still build a node, save the
 // arguments and wrap the outputs: 2-5 us per call on 2 threads of an AMD EPYC (Zen 3), as much as
@@ -145,7 +135,7 @@ bool takes_part_in_autograd(const OptionalTensor& tensor) {
 // keep the Function, which rejects them.
 template <typename... Tensors>
 bool needs_function(const Tensors&... tensors) {
-  return (takes_part_in_autograd(tensors) || ...);
+  return torch::autograd::compute_requires_grad(tensors...) || (torch::autograd::isFwGradDefined(tensors) || ...);
 }
 
 TrainResult batch_norm_train_eager(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
