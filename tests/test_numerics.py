@@ -117,22 +117,33 @@ def test_every_bfloat16_value_rounds_as_torch_on_cpu(shape, layout):
         ((16, 64, 32, 32), "channels_last"),
         ((24, 1000, 7, 7), "contiguous"),
         ((32, 24, 32, 40), "channels_last"),  # rows of 16 + 8 channels, every other one 32-byte aligned
+        # rows of whole vectors: bfloat16 pairs take their per-channel coefficients in lane order
+        # (AVX2), by blocks of channels that each task of the statistics finishes and normalizes
+        # itself (64 rows: one part), by rows after several parts (300 rows), and in eval by
+        # blocks of 2048 channels (16 rows)
+        ((64, 1040), "contiguous"),
+        ((300, 272), "contiguous"),
+        ((16, 4112), "contiguous"),
+        ((6, 48, 9, 10), "channels_last"),
     ],
 )
-def test_reduced_precision_training_is_float32_rounded_on_cpu(shape, layout, dtype):
+@pytest.mark.parametrize("training", [True, False])
+def test_reduced_precision_is_float32_rounded_on_cpu(shape, layout, dtype, training):
     """On CPU, bfloat16/float16 input computes in float32 from the same values as float32 input
-    would, with the same float64 sums: its training output and input gradient are the float32
-    results rounded by torch, bit for bit, and its weight and bias gradients equal them."""
+    would, with the same float64 sums: its output and input gradient (training and eval) are the
+    float32 results rounded by torch, bit for bit, and its weight and bias gradients equal them."""
     x = make_input(shape, dtype, layout) * 2 + 1
     grad = make_input(shape, dtype, layout, seed=1)
     channels = shape[1]
     weight = torch.rand(channels) + 0.5
     bias = torch.randn(channels)
+    running_mean, running_var = torch.randn(channels), torch.rand(channels) + 0.5
     results = []
     for x_in, grad_in in ((x, grad), (x.float(), grad.float())):
         x_in = x_in.clone().requires_grad_()
         w_in, b_in = weight.clone().requires_grad_(), bias.clone().requires_grad_()
-        y = bnext.batch_norm(x_in, None, None, w_in, b_in, training=True)
+        stats = (None, None) if training else (running_mean, running_var)
+        y = bnext.batch_norm(x_in, *stats, w_in, b_in, training=training)
         y.backward(grad_in)
         results.append((y.detach(), x_in.grad, w_in.grad, b_in.grad))
     (y, grad_x, grad_w, grad_b), (y32, grad_x32, grad_w32, grad_b32) = results
