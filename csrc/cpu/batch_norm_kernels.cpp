@@ -2509,8 +2509,9 @@ Tensor batch_norm_eval(const Tensor& input, const Tensor& running_mean, const Te
       }
       affines.put_in_lane_order(offset, offset + n);
     };
+    const bool narrow = narrow_rows(layout);
     // Rows passes over the channels themselves (not as Columns) take their coefficients in lane order.
-    const bool lane_order = kInterleavedPairs<scalar_t> && layout.rows && !narrow_rows(layout);
+    const bool lane_order = kInterleavedPairs<scalar_t> && layout.rows && !narrow;
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     scalar_t* y_data = output.mutable_data_ptr<scalar_t>();
     if (few_wide_rows(layout)) {
@@ -2533,7 +2534,7 @@ Tensor batch_norm_eval(const Tensor& input, const Tensor& running_mean, const Te
     }
     ChannelAffines<opmath_t> affines(layout.channels, lane_order);
     for_channel_blocks(layout.channels, [&](int64_t c0, int64_t n) { set_affines(affines, c0, n, c0); });
-    if (narrow_rows(layout)) {
+    if (narrow) {
       const Columns columns(layout);
       normalize_columns(x_data, y_data, columns, tile_affines(affines, columns),
                         eval_streams(output, columns.layout()),
@@ -2757,12 +2758,13 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
             });
         return;
       }
-      // The input gradient's coefficients in lane order (for_each_row_channel), the mean in a copy
-      // of its own: the sums read it in channel order.
+      // The input gradient's coefficients in lane order (for_each_row_channel), and in training the
+      // mean in a copy of its own: the sums read it in channel order (eval's input gradient only
+      // scales dy).
       constexpr bool lane_order = kInterleavedPairs<scalar_t>;
-      std::vector<opmath_t> lane_mean(lane_order && output_mask[0] ? mean_op.size() : 0);
-      if (!lane_mean.empty()) {
-        std::copy(mean_op.begin(), mean_op.end(), lane_mean.begin());
+      std::vector<opmath_t> lane_mean;
+      if (lane_order && output_mask[0] && training) {
+        lane_mean = mean_op;
         to_lane_order(lane_mean.data(), 0, channels);
       }
       const auto set_row_gradients = [&](int64_t c0, int64_t c1) {
