@@ -13,6 +13,10 @@ aborts with a non-zero exit before anything is timed. Then each case is timed wi
 and a plain copy of the input (the memory-traffic floor) interleaved in one loop, so that clock
 or thermal drift hits all three alike; each case runs in three rounds, each on freshly allocated
 tensors, and reports the median over rounds of each timer's median.
+
+The backward cases (train_bwd, fwd_bwd) time the layer's autograd node applied to the output's
+gradient, as a training step's backward pass applies it (backward_timer); the cost of entering
+autograd, once per backward() call, is measured apart and printed with the table.
 """
 import argparse
 import ctypes
@@ -319,25 +323,59 @@ def forward_timer(batch_norm, x, parameters, training, stopwatch):
     return run
 
 
+def node_inputs(output, grad_output):
+    """The arguments of output.grad_fn for the gradient grad_output: one per differentiable output
+    of the forward (bnext's node also has the batch statistics', which are None)."""
+    return (grad_output,) + (None,) * (len(output.grad_fn._input_metadata) - 1)
+
+
 def backward_timer(batch_norm, x, grad_output, parameters, include_forward, stopwatch):
-    """Training backward through a graph built every repetition; the forward is timed only if asked."""
+    """Training backward: the layer's autograd node, recorded by a forward every repetition, applied
+    to grad_output with grad mode off, as the autograd engine applies each node of a training
+    step's backward pass. The forward is timed only if asked.
+
+    `output.backward(grad_output)` would add autograd's entry cost (checking the gradients, setting
+    up the graph task), which a training step pays once per backward() call for the whole network,
+    not once per layer: measured here at 45-120 us on a one-node graph, more than the kernel of a
+    small layer, for bnext and torch alike. The report gives it (autograd_entry_us), measured in
+    the same run."""
     weight, bias, running_mean, running_var = parameters
+    probe = batch_norm(x.detach().requires_grad_(), running_mean.clone(), running_var.clone(), weight, bias, True,
+                       MOMENTUM, EPS)
+    gradients = node_inputs(probe, grad_output)
+    del probe
     kept = []
 
     def run():
         kept.clear()
-        weight.grad = bias.grad = None  # so backward assigns fresh gradients instead of accumulating
         leaf = x.detach().requires_grad_()
         start = stopwatch.start()
         output = batch_norm(leaf, running_mean, running_var, weight, bias, True, MOMENTUM, EPS)
-        if not include_forward:
-            start = stopwatch.start()
-        output.backward(grad_output)
-        elapsed = stopwatch.elapsed(start)
-        kept.extend([leaf, output, weight.grad, bias.grad])
+        with torch.no_grad():
+            if not include_forward:
+                start = stopwatch.start()
+            grads = output.grad_fn(*gradients)
+            elapsed = stopwatch.elapsed(start)
+        kept.extend([leaf, output, grads])
         return elapsed
 
     return run
+
+
+def autograd_entry_seconds(device, repetitions=300):
+    """Median time of backward() on a graph of one multiply of a one-value tensor: what autograd
+    costs per backward() call beyond its nodes' work (backward_timer leaves it out)."""
+    stopwatch = Stopwatch(device)
+    value = torch.ones(1, device=device)
+    gradient = torch.ones(1, device=device)
+    samples = []
+    for repetition in range(repetitions + 20):
+        output = value.detach().requires_grad_().mul(2)
+        start = stopwatch.start()
+        output.backward(gradient)
+        if repetition >= 20:  # warm-up
+            samples.append(stopwatch.elapsed(start))
+    return statistics.median(samples)
 
 
 def copy_timer(x, stopwatch):
@@ -460,6 +498,10 @@ TABLE_HEADER = (
     "(train_bwd), 2.5 T_copy (fwd_bwd), where T_copy is the median of y.copy_(x) (moves 2|x|).\n"
     "GB/s = minimal bytes / bnext time, minimal bytes = 2|x| (fwd), 3|x| (train_bwd), 5|x| (fwd_bwd)."
 )
+AUTOGRAD_ENTRY_NOTE = (
+    "train_bwd and fwd_bwd apply the layer's autograd node, as a backward pass does; backward() also "
+    "costs {:.1f} us per call (this run, a one-node graph), once per training step, not included."
+)
 COLUMNS = [  # (title, width, format of a Result)
     ("shape", 16, lambda r: format_shape(r.shape)),
     ("layout", 16, lambda r: r.layout),
@@ -522,9 +564,10 @@ def describe_result(result):
     return f"{format_shape(result.shape)} {result.layout}"
 
 
-def print_report(results, summary):
+def print_report(results, summary, autograd_entry_us):
     columns = columns_for(results)
     print(TABLE_HEADER)
+    print(AUTOGRAD_ENTRY_NOTE.format(autograd_entry_us))
     print(format_row([title for title, _, _ in columns], columns))
     print(format_row(["-" * width for _, width, _ in columns], columns))
     for result in results:
@@ -583,6 +626,7 @@ def metadata(args, plan):
         "quick": args.quick,
         "shapes": [list(shape) for shape in shapes_for(args)],
         "malloc_keeps_freed_memory": args.malloc_keeps_freed_memory,
+        "autograd_entry_us": args.autograd_entry_us,
         "timing": asdict(plan),
         "definitions": TABLE_HEADER,
     }
@@ -795,8 +839,9 @@ def main(argv=None):
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
     log(f"timing {len(configs) * len(args.cases)} cases on {where} ...")
     results = benchmark(configs, args.cases, plan)
+    args.autograd_entry_us = autograd_entry_seconds(args.device) * 1e6
     summary = summarize(results)
-    print_report(results, summary)
+    print_report(results, summary, args.autograd_entry_us)
     if args.json:
         write_json(args.json, args, plan, results, summary)
     if args.plot:

@@ -1,5 +1,6 @@
 """The benchmark's command line (python -m bnext.bench)."""
 import pytest
+import torch
 
 from bnext import bench
 
@@ -36,3 +37,24 @@ def test_each_round_times_fresh_tensors_and_the_median_round_counts(monkeypatch)
     medians, repeats = bench.time_case(None, "eval_fwd", plan)
     assert len(made) == 3 and repeats == 12
     assert medians == {"bnext": 1e-3, "torch": 2e-3, "copy": 0.5e-3}
+
+
+@pytest.mark.parametrize("name", ["bnext", "torch"])
+def test_backward_cases_time_the_whole_backward(name):
+    """The backward cases apply the layer's autograd node; it gives the gradients backward() gives."""
+    torch.manual_seed(0)
+    batch_norm = bench.implementations("cpu")[name]
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    grad_output = torch.randn_like(x)
+    weight = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    leaf = x.clone().requires_grad_()
+    output = batch_norm(leaf, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), weight, bias,
+                        True, 0.1, 1e-5)
+    with torch.no_grad():
+        node_grads = output.grad_fn(*bench.node_inputs(output, grad_output))
+    output.backward(grad_output)
+    expected = [leaf.grad, weight.grad, bias.grad]
+    assert len([g for g in node_grads if g is not None]) == 3
+    for got, want in zip([g for g in node_grads if g is not None], expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
