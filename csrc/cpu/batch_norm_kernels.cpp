@@ -31,6 +31,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
 #include <memory>
 #include <numeric>
 #include <optional>
@@ -785,6 +786,14 @@ void to_lane_order(T* values, int64_t begin, int64_t end) {
   }
 }
 
+// The same for each of several per-channel arrays.
+template <typename T>
+void to_lane_order(std::initializer_list<std::vector<T>*> arrays, int64_t begin, int64_t end) {
+  for (std::vector<T>* values : arrays) {
+    to_lane_order(values->data(), begin, end);
+  }
+}
+
 // for_each_channel's kind for a pair of vectors in lane order: its input comes through
 // load_row, its output goes through store_row, its coefficients come from arrays in lane order.
 template <typename scalar_t>
@@ -1124,9 +1133,7 @@ struct ChannelAffines {
   // Channels [begin, end), once set, into lane order where the arrays are kept so.
   void put_in_lane_order(int64_t begin, int64_t end) {
     if (lane_order) {
-      for (auto* values : {&center, &scale, &shift}) {
-        to_lane_order(values->data(), begin, end);
-      }
+      to_lane_order({&center, &scale, &shift}, begin, end);
     }
   }
 
@@ -2770,9 +2777,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
       const auto set_row_gradients = [&](int64_t c0, int64_t c1) {
         set_gradients(c0, c1);
         if (lane_order) {
-          for (auto* values : {&dy_scale, &xmu_scale, &shift}) {
-            to_lane_order(values->data(), c0, c1);
-          }
+          to_lane_order({&dy_scale, &xmu_scale, &shift}, c0, c1);
         }
       };
       const RowGradients<opmath_t> g{lane_order ? lane_mean.data() : mean_op.data(), dy_scale.data(),
