@@ -1575,7 +1575,9 @@ std::unique_ptr<T[]> uninitialized_array(int64_t count) {
   return std::unique_ptr<T[]>(new T[count]);
 }
 
-// Prefetches `count` values from `data` into L1.
+// Prefetches `count` values from `data` into L1. A lambda that calls it must be always_inline: GCC
+// (12) finds a function made only of prefetches free of side effects and drops the calls to it, so
+// the backward's sums long ran without the prefetches their code asked for.
 template <typename scalar_t>
 C10_ALWAYS_INLINE void prefetch_values(const scalar_t* data, int64_t count) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -1585,6 +1587,9 @@ C10_ALWAYS_INLINE void prefetch_values(const scalar_t* data, int64_t count) {
   }
 #endif
 }
+
+// The prefetch argument of add_rows and add_rows_in_order that prefetches nothing.
+constexpr auto kNoPrefetch = [](int64_t, int64_t, int64_t) {};
 
 // Vectors of channels whose sums a rows reduction keeps in registers while it walks the rows.
 constexpr int64_t kRowChunkVecs = 4;
@@ -1667,10 +1672,14 @@ void add_rows(int64_t row_begin, int64_t row_end, int64_t width, acc_t* first, a
 // Per-channel pair sums as add_rows gives them (the same terms added in the same order, so the
 // same sums bit for bit), with the rows walked in memory order: each run of kFlushEvery rows is
 // read row by row, its terms added to compute-type lanes of each channel kept in arrays (L1), which
-// are then flushed. Width at most kChannelBlock.
-template <typename scalar_t, typename acc_t, typename Terms>
+// are then flushed. Width at most kChannelBlock. prefetch(r, j, count) as for add_rows, called for
+// each vector with the row kFlushEvery ahead: in memory order too, the hardware prefetcher alone
+// left the sums at about twice the time of a plain read of both inputs (float32 channels_last
+// 8x256x56x56 below autograd on 1 thread of an AMD EPYC: 5.0 -> 3.0 ms in a standalone loop, where
+// summing both inputs took 2.5 ms; prefetching a whole row at once gained less, 3.9 ms).
+template <typename scalar_t, typename acc_t, typename Terms, typename Prefetch>
 void add_rows_in_order(int64_t row_begin, int64_t row_end, int64_t width, acc_t* first, acc_t* second,
-                       const Terms& terms) {
+                       const Terms& terms, const Prefetch& prefetch) {
   using Vec = OpVec<scalar_t>;
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t vec_width = width / Vec::size() * Vec::size();
@@ -1681,7 +1690,9 @@ void add_rows_in_order(int64_t row_begin, int64_t row_end, int64_t width, acc_t*
     std::fill_n(first_lanes, vec_width, opmath_t(0));
     std::fill_n(second_lanes, vec_width, opmath_t(0));
     for (int64_t r = r0; r < r1; ++r) {
+      const int64_t ahead = std::min(r + kFlushEvery, row_end - 1);
       for (int64_t j = 0; j < vec_width; j += Vec::size()) {
+        prefetch(ahead, j, Vec::size());
         Vec first_vec = Vec::loadu(first_lanes + j);
         Vec second_vec = Vec::loadu(second_lanes + j);
         terms(r, j, first_vec, second_vec);
@@ -1693,6 +1704,17 @@ void add_rows_in_order(int64_t row_begin, int64_t row_end, int64_t width, acc_t*
     add_lanes(vec_width, second_lanes, second);
     add_channels_one_by_one<scalar_t>(r0, r1, vec_width, width, first, second, terms);
   }
+}
+
+// Whether a rows pass reads two tensors of this layout's size (the backward's input and output
+// gradient; the training forward's input, twice, and its output) from beyond the caches near the
+// threads. Only then do its reductions prefetch the rows ahead: from those caches, the prefetches
+// cost more than they hide. AMD EPYC (Zen 3), float32 channels_last statistics, prefetching rather
+// than not: 8x256x56x56 1.44x faster on 1 thread, 1.53x on 2, 8x512x28x28 1.34x on 1; but
+// 8x1024x14x14 and 8x2048x7x7 0.79-0.85x on either. bfloat16 8x256x56x56: 1.61x on 1 thread.
+template <typename scalar_t>
+bool rows_read_from_far(const Layout& layout) {
+  return !fits_in_near_caches(2 * layout.num_rows * layout.channels * static_cast<int64_t>(sizeof(scalar_t)));
 }
 
 // shift_of's value (through shift_from) for channels [c0, c0 + width) of a rows tensor (width at
@@ -1734,7 +1756,9 @@ template <typename scalar_t, typename opmath_t, typename acc_t>
         s1 = s1 + d;
         s2 = multiply_add(d, d, s2);
       },
-      [&](int64_t r, int64_t j, int64_t count) { prefetch_values(block + r * channels + j, count); });
+      [&](int64_t r, int64_t j, int64_t count) __attribute__((always_inline)) {
+        prefetch_values(block + r * channels + j, count);
+      });
 }
 
 // Moments of every channel of a rows tensor: each task sums shifted by a value near the channel's
@@ -1751,6 +1775,7 @@ void rows_moments(const scalar_t* x, const Layout& layout, bool stream, const Fi
   const RowPartition partition(layout);
   const bool one_part = partition.num_parts == 1;
   const acc_t row_count = static_cast<acc_t>(layout.num_rows);
+  const bool prefetch_ahead = rows_read_from_far<scalar_t>(layout);
   // Several parts: every channel's shift, computed once rather than by each part (that took 15%
   // of 8x256x14x14 channels_last statistics on 2 threads); per part, the sums of its channels,
   // then the sums of their squares (each task zeroes its own, in parallel and into its cache).
@@ -1785,15 +1810,20 @@ void rows_moments(const scalar_t* x, const Layout& layout, bool stream, const Fi
         std::fill_n(sum, width, acc_t(0));
         std::fill_n(sum_sq, width, acc_t(0));
         const scalar_t* block = x + c0;
-        add_rows<scalar_t>(
-            r0, r1, width, sum, sum_sq,
-            [&](int64_t r, int64_t j, auto& s1, auto& s2) {
-              using T = std::decay_t<decltype(s1)>;
-              const T d = load_as<T>(block + r * channels + j) - load_as<T>(shift + j);
-              s1 = s1 + d;
-              s2 = multiply_add(d, d, s2);
-            },
-            [&](int64_t r, int64_t j, int64_t count) { prefetch_values(block + r * channels + j, count); });
+        const auto terms = [&](int64_t r, int64_t j, auto& s1, auto& s2) {
+          using T = std::decay_t<decltype(s1)>;
+          const T d = load_as<T>(block + r * channels + j) - load_as<T>(shift + j);
+          s1 = s1 + d;
+          s2 = multiply_add(d, d, s2);
+        };
+        if (prefetch_ahead) {
+          add_rows<scalar_t>(r0, r1, width, sum, sum_sq, terms,
+                             [&](int64_t r, int64_t j, int64_t count) __attribute__((always_inline)) {
+                               prefetch_values(block + r * channels + j, count);
+                             });
+        } else {
+          add_rows<scalar_t>(r0, r1, width, sum, sum_sq, terms, kNoPrefetch);
+        }
         if (!one_part) {
           continue;
         }
@@ -1858,21 +1888,21 @@ constexpr int64_t kMinInOrderRowBytes = 256;
 
 // Whether rows_grad_sums walks its rows in memory order (add_rows_in_order) rather than by chunks
 // of channels (add_rows), whose sums stay in registers: faster while the inputs come from the
-// caches near the threads, but slow on long rows read from farther, where each chunk's kFlushEvery
-// rows of both inputs, and the same of the next rows prefetched, outgrow L1. On an AMD EPYC (Zen
-// 3), float32 channels_last, 2 threads: the sums of 8x256x56x56 took 3.0 -> 1.9 ms, its backward
-// 4.33 -> 4.11 ms in the benchmark (1 thread 7.61 -> 6.92 ms), 8x64x112x112 3.77 -> 3.55 ms and
+// caches near the threads, but slow on long rows read from farther. On an AMD EPYC (Zen 3),
+// float32 channels_last, 2 threads: the sums of 8x256x56x56 took 3.0 -> 1.9 ms, its backward 4.33
+// -> 4.11 ms in the benchmark (1 thread 7.61 -> 6.92 ms), 8x64x112x112 3.77 -> 3.55 ms and
 // 8x512x28x28 2.53 -> 2.44 ms; where the inputs fit (8x1024x14x14, 12.8 MB) the sums took 1.2-1.7x
-// the time in memory order. bfloat16 came out even. AVX-512 builds keep add_rows (their CPUs were
-// not measured with it).
+// the time in memory order. Those figures predate working prefetches (prefetch_values); with them
+// on both sides, memory order still gained 1.0-1.5x (8x256x56x56 1.47-1.51x, 8x64x112x112
+// 1.00-1.15x, 8x512x28x28 1.08-1.34x on 1 and 2 threads), and bfloat16 still came out even. AVX-512
+// builds keep add_rows (their CPUs were not measured with it).
 template <typename scalar_t>
 bool grad_sums_in_order(const Layout& layout) {
 #if defined(CPU_CAPABILITY_AVX512)
   return false;
 #else
   const int64_t row_bytes = layout.channels * static_cast<int64_t>(sizeof(scalar_t));
-  return std::is_same_v<scalar_t, float> && row_bytes >= kMinInOrderRowBytes &&
-         !fits_in_near_caches(2 * layout.num_rows * row_bytes);
+  return std::is_same_v<scalar_t, float> && row_bytes >= kMinInOrderRowBytes && rows_read_from_far<scalar_t>(layout);
 #endif
 }
 
@@ -1890,6 +1920,7 @@ void rows_grad_sums(const scalar_t* dy, const scalar_t* x, const Layout& layout,
   const auto part_dy = uninitialized_array<acc_t>(one_part ? 0 : partition.num_parts * channels);
   const auto part_dy_xmu = uninitialized_array<acc_t>(one_part ? 0 : partition.num_parts * channels);
   const bool in_order = grad_sums_in_order<scalar_t>(layout);
+  const bool prefetch_ahead = rows_read_from_far<scalar_t>(layout);
   parallel_for_output(0, partition.num_tasks(), 1, stream, [&](int64_t task_begin, int64_t task_end) {
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t part = partition.part(task);
@@ -1915,13 +1946,17 @@ void rows_grad_sums(const scalar_t* dy, const scalar_t* x, const Layout& layout,
         s_dy = s_dy + g;
         s_dy_xmu = multiply_add(g, load_as<T>(x_block + i) - load_as<T>(block_mean + j), s_dy_xmu);
       };
-      if (in_order) {
-        add_rows_in_order<scalar_t>(r0, r1, width, block_dy, block_dy_xmu, terms);
+      const auto prefetch = [&](int64_t r, int64_t j, int64_t count) __attribute__((always_inline)) {
+        prefetch_values(dy_block + r * channels + j, count);
+        prefetch_values(x_block + r * channels + j, count);
+      };
+      // A branch on prefetch_ahead inside the loops instead cost most of the prefetches' gain.
+      if (in_order) {  // only on inputs read from far
+        add_rows_in_order<scalar_t>(r0, r1, width, block_dy, block_dy_xmu, terms, prefetch);
+      } else if (prefetch_ahead) {
+        add_rows<scalar_t>(r0, r1, width, block_dy, block_dy_xmu, terms, prefetch);
       } else {
-        add_rows<scalar_t>(r0, r1, width, block_dy, block_dy_xmu, terms, [&](int64_t r, int64_t j, int64_t count) {
-          prefetch_values(dy_block + r * channels + j, count);
-          prefetch_values(x_block + r * channels + j, count);
-        });
+        add_rows<scalar_t>(r0, r1, width, block_dy, block_dy_xmu, terms, kNoPrefetch);
       }
       if (one_part) {
         after_block(c0, c1);
