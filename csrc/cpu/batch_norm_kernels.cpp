@@ -1717,6 +1717,17 @@ bool rows_read_from_far(const Layout& layout) {
   return !fits_in_near_caches(2 * layout.num_rows * layout.channels * static_cast<int64_t>(sizeof(scalar_t)));
 }
 
+// Whether the rows reductions prefetch: rows read from far (rows_read_from_far) and wider than one
+// chunk of add_rows, whose chunks then walk the rows at a stride. A row of one chunk is read in
+// memory order, which the hardware prefetcher follows: on an AMD EPYC (Zen 4, AVX-512, one chunk
+// is 64 float channels), float32 channels_last 8x64x112x112 without the prefetches took the
+// training forward 2.30 -> 2.08 ms on 2 threads (4.61 -> 3.68 ms on 1), the backward's sums 1.86 ->
+// 1.52 ms (2.06 -> 1.63 ms); bfloat16 sums 1.40 -> 1.04 ms on 1 thread.
+template <typename scalar_t>
+bool rows_prefetched(const Layout& layout) {
+  return layout.channels > kRowChunkVecs * OpVec<scalar_t>::size() && rows_read_from_far<scalar_t>(layout);
+}
+
 // shift_of's value (through shift_from) for channels [c0, c0 + width) of a rows tensor (width at
 // most kChannelBlock), from its first rows, into shifts; the loops run along the channels, so that
 // they vectorize. Each task of a reduction computes its own: a few rows of its channels.
@@ -1775,7 +1786,7 @@ void rows_moments(const scalar_t* x, const Layout& layout, bool stream, const Fi
   const RowPartition partition(layout);
   const bool one_part = partition.num_parts == 1;
   const acc_t row_count = static_cast<acc_t>(layout.num_rows);
-  const bool prefetch_ahead = rows_read_from_far<scalar_t>(layout);
+  const bool prefetch_ahead = rows_prefetched<scalar_t>(layout);
   // Several parts: every channel's shift, computed once rather than by each part (that took 15%
   // of 8x256x14x14 channels_last statistics on 2 threads); per part, the sums of its channels,
   // then the sums of their squares (each task zeroes its own, in parallel and into its cache).
@@ -1894,16 +1905,15 @@ constexpr int64_t kMinInOrderRowBytes = 256;
 // 8x512x28x28 2.53 -> 2.44 ms; where the inputs fit (8x1024x14x14, 12.8 MB) the sums took 1.2-1.7x
 // the time in memory order. Those figures predate working prefetches (prefetch_values); with them
 // on both sides, memory order still gained 1.0-1.5x (8x256x56x56 1.47-1.51x, 8x64x112x112
-// 1.00-1.15x, 8x512x28x28 1.08-1.34x on 1 and 2 threads), and bfloat16 still came out even. AVX-512
-// builds keep add_rows (their CPUs were not measured with it).
+// 1.00-1.15x, 8x512x28x28 1.08-1.34x on 1 and 2 threads), and bfloat16 still came out even. On a
+// Zen 4 (AVX-512), against add_rows with prefetches: 8x256x56x56 backward 4.14 -> 2.95 ms on 2
+// threads (7.34 -> 5.25 ms on 1), 8x512x28x28 1.39 -> 1.12 ms (3.03 -> 2.50 ms); bfloat16 mixed
+// (0.91-1.24x), so it keeps add_rows. Rows of one chunk (rows_prefetched) keep add_rows, which
+// reads them in memory order already. Intel CPUs were not measured with this choice.
 template <typename scalar_t>
 bool grad_sums_in_order(const Layout& layout) {
-#if defined(CPU_CAPABILITY_AVX512)
-  return false;
-#else
   const int64_t row_bytes = layout.channels * static_cast<int64_t>(sizeof(scalar_t));
-  return std::is_same_v<scalar_t, float> && row_bytes >= kMinInOrderRowBytes && rows_read_from_far<scalar_t>(layout);
-#endif
+  return std::is_same_v<scalar_t, float> && row_bytes >= kMinInOrderRowBytes && rows_prefetched<scalar_t>(layout);
 }
 
 // sum(dy) and sum(dy * (x - mean)) of every channel of a rows tensor, by fixed tasks, into sum_dy
@@ -1920,7 +1930,7 @@ void rows_grad_sums(const scalar_t* dy, const scalar_t* x, const Layout& layout,
   const auto part_dy = uninitialized_array<acc_t>(one_part ? 0 : partition.num_parts * channels);
   const auto part_dy_xmu = uninitialized_array<acc_t>(one_part ? 0 : partition.num_parts * channels);
   const bool in_order = grad_sums_in_order<scalar_t>(layout);
-  const bool prefetch_ahead = rows_read_from_far<scalar_t>(layout);
+  const bool prefetch_ahead = rows_prefetched<scalar_t>(layout);
   parallel_for_output(0, partition.num_tasks(), 1, stream, [&](int64_t task_begin, int64_t task_end) {
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t part = partition.part(task);
