@@ -558,6 +558,21 @@ C10_ALWAYS_INLINE Vec sum_chains(const std::array<Vec, kSumChains>& lanes) {
   }
 }
 
+// The terms of values [from, to) of a run starting at `begin`, one by one (a run's last values,
+// too few for a partial vector), summed in the compute type and added to the two tails.
+template <typename scalar_t, typename Terms, typename acc_t>
+C10_ALWAYS_INLINE void add_values_one_by_one(const Terms& terms, int64_t begin, int64_t from, int64_t to,
+                                             acc_t& first_tails, acc_t& second_tails) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  opmath_t first_tail = 0;
+  opmath_t second_tail = 0;
+  for (int64_t j = from; j < to; ++j) {
+    terms(begin + j, 1, first_tail, second_tail);
+  }
+  first_tails += first_tail;
+  second_tails += second_tail;
+}
+
 // pair_sums over runs of kWhole whole vectors and fewer than one vector more, fewer whole vectors
 // than kSumChains: whole vector k of each run goes to chain k, as in pair_sums' last step of a
 // run, with no loop within runs and every accumulator a register. 7x7 planes (three vectors and one
@@ -602,13 +617,7 @@ auto short_run_pair_sums(int64_t num_runs, int64_t run_stride, int64_t length, c
     if (partial_tail) {
       terms(begin + vec_length, tail, first_partial, second_partial);
     } else if (tail > 0) {
-      opmath_t first_tail = 0;
-      opmath_t second_tail = 0;
-      for (int64_t j = vec_length; j < length; ++j) {
-        terms(begin + j, 1, first_tail, second_tail);
-      }
-      first_tails += first_tail;
-      second_tails += second_tail;
+      add_values_one_by_one<scalar_t>(terms, begin, vec_length, length, first_tails, second_tails);
     }
     if (++steps == flush_at) {
       flush();
@@ -705,13 +714,7 @@ auto pair_sums(int64_t num_runs, int64_t run_stride, int64_t length, const Terms
       end_step();
     }
     if (!partial_tail && tail > 0) {
-      opmath_t first_tail = 0;
-      opmath_t second_tail = 0;
-      for (int64_t j = vec_length; j < length; ++j) {
-        terms(begin + j, 1, first_tail, second_tail);
-      }
-      first_tails += first_tail;
-      second_tails += second_tail;
+      add_values_one_by_one<scalar_t>(terms, begin, vec_length, length, first_tails, second_tails);
     }
   }
   flush();
