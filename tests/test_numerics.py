@@ -51,6 +51,9 @@ def test_huge_constant_channel_in_float64_normalizes_to_zero(device, layout):
         # values converted together (AVX2), then 8, starting 32-byte aligned on every other row
         ((48, 24, 64, 64), "channels_last"),
         ((48, 24, 61, 59), "contiguous"),
+        # 40 channels: rows of 32 values converted together (AVX-512), then 8, starting 64-byte
+        # aligned on every fourth row
+        ((48, 40, 64, 64), "channels_last"),
     ],
 )
 @pytest.mark.parametrize("device", DEVICES)

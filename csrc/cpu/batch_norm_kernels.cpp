@@ -208,12 +208,16 @@ template <typename T>
 struct IsVecPair<at::vec::VectorizedN<T, 2>> : std::true_type {};
 
 // Whether an elementwise pass stores scalar_t two compute-type vectors at a time: bfloat16 and
-// float16 on AVX2, whose vectors of 8 floats narrow to 16 bytes. The pair's 16 values convert
-// together into one 32-byte store, as torch's kernels store them; one 16-byte store per vector
-// took 1.2-1.4x the time of a bfloat16 eval on 2 threads of an AMD EPYC (Zen 3): 8x512x28x28
-// 0.64 -> 0.46 ms, 32x128x1000 0.93 -> 0.67 ms, 8x2048x7x7 (in memory order) 0.275 -> 0.226 ms;
-// training forward and backward 5-11% faster. With AVX-512 a vector already narrows to 32 bytes.
-#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+// float16, whose vectors of floats narrow to half their width. On AVX2 the pair's 16 values
+// convert together into one 32-byte store, as torch's kernels store them; one 16-byte store per
+// vector took 1.2-1.4x the time of a bfloat16 eval on 2 threads of an AMD EPYC (Zen 3):
+// 8x512x28x28 0.64 -> 0.46 ms, 32x128x1000 0.93 -> 0.67 ms, 8x2048x7x7 (in memory order) 0.275 ->
+// 0.226 ms; training forward and backward 5-11% faster. On AVX-512 the pair's 32 values fill one
+// 64-byte line (bfloat16 in one vcvtne2ps2bf16 rather than two conversions): on an AMD EPYC (Zen
+// 4), alternating processes of the two builds, old time / new, bfloat16 eval 1.22-1.47 on 2 threads
+// (8x64x56x56 either layout, 8x1024x14x14 and 8x2048x7x7 channels_last, 8x512x7x7) and 1.19-1.36
+// on 1 thread, training forward 1.03-1.13 and backward 1.03-1.24 on 2 threads; float16 eval 1.05-1.23.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 template <typename scalar_t>
 constexpr bool kStoresPairs = !std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
 #else
@@ -241,13 +245,39 @@ C10_ALWAYS_INLINE void store_packed(void* data, const __m256i& packed, bool stre
 }
 #endif
 
-// Two vectors' values at `data` (kStoresPairs only): one conversion and one 32-byte store,
-// streaming when `stream` is set and the destination is aligned.
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+// The lanes of `values` that vcvtneps2bf16 and vcvtne2ps2bf16 do not convert as torch does: they
+// round finite values and infinities the same way (to nearest even), but flush denormals to zero
+// and keep NaN payloads. One instruction where torch's rounding takes ten.
+C10_ALWAYS_INLINE __mmask16 nan_or_denormal_lanes(const __m512& values) {
+  constexpr int kNanOrDenormal = 0x01 | 0x20 | 0x80;  // quiet NaN, denormal, signaling NaN
+  return _mm512_fpclass_ps_mask(values, kNanOrDenormal);
+}
+#endif
+
+// Two vectors' values at `data` (kStoresPairs only): one conversion and one store (32 bytes on
+// AVX2, a 64-byte line on AVX-512), streaming when `stream` is set and the destination is aligned.
+// bfloat16 on AVX-512 converts as narrow does.
 template <typename scalar_t>
 C10_ALWAYS_INLINE void store_pair(scalar_t* data, const OpVec<scalar_t>& first, const OpVec<scalar_t>& second,
                                   bool stream) {
   static_assert(kStoresPairs<scalar_t>, "pairs are stored only where kStoresPairs");
-#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512i packed;
+#if defined(__AVX512BF16__)
+  if (std::is_same_v<scalar_t, at::BFloat16> && (nan_or_denormal_lanes(first) | nan_or_denormal_lanes(second)) == 0) {
+    packed = std::bit_cast<__m512i>(_mm512_cvtne2ps_pbh(second, first));
+  } else
+#endif
+  {
+    packed = at::vec::convert_from_float<scalar_t>(first, second);
+  }
+  if (stream && reinterpret_cast<uintptr_t>(data) % sizeof(__m512i) == 0) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(data), packed);
+  } else {
+    _mm512_storeu_si512(data, packed);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
   store_packed(data, at::vec::convert_from_float<scalar_t>(first, second), stream);
 #endif
 }
@@ -315,11 +345,8 @@ template <typename scalar_t>
 C10_ALWAYS_INLINE NarrowVec narrow(const OpVec<scalar_t>& values) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    // vcvtneps2bf16 is one instruction where torch's rounding takes ten. It rounds finite values
-    // and infinities the same way (to nearest even), but flushes denormals to zero and keeps NaN
-    // payloads: vectors holding either take torch's conversion.
-    constexpr int kNanOrDenormal = 0x01 | 0x20 | 0x80;  // quiet NaN, denormal, signaling NaN
-    if (_mm512_fpclass_ps_mask(values, kNanOrDenormal) == 0) {
+    // Vectors holding a NaN or a denormal take torch's conversion (nan_or_denormal_lanes).
+    if (nan_or_denormal_lanes(values) == 0) {
       return std::bit_cast<__m256i>(_mm512_cvtneps_pbh(values));
     }
   }
@@ -1447,7 +1474,7 @@ void map_plane_blocks(scalar_t* out, const Layout& layout, bool stream, std::arr
       };
       int64_t i = begin;
       if constexpr (kStoresPairs<scalar_t>) {
-        if (i % (2 * kSize) != 0 && i + kSize <= end) {  // pairs start 32-byte aligned
+        if (i % (2 * kSize) != 0 && i + kSize <= end) {  // pairs start at a multiple of 2 vectors
           store_output(task_out + i, next_values(i, kSize), task_stream);
           i += kSize;
         }
