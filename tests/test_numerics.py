@@ -47,13 +47,13 @@ def test_huge_constant_channel_in_float64_normalizes_to_zero(device, layout):
         ((16, 64, 32, 32), "channels_last"),
         ((8, 130, 31, 33), "contiguous"),
         ((24, 1000, 7, 7), "contiguous"),
-        # past 8 MB, streamed on CPUs whose L3 takes smaller outputs; 24 channels: rows of 16
-        # values converted together (AVX2), then 8, starting 32-byte aligned on every other row
+        # past 8 MB, streamed on CPUs whose L3 takes smaller outputs; 24 channels: read as wider
+        # rows of 96 values (4 pixels, Columns)
         ((48, 24, 64, 64), "channels_last"),
         ((48, 24, 61, 59), "contiguous"),
-        # 40 channels: rows of 32 values converted together (AVX-512), then 8, starting 64-byte
-        # aligned on every fourth row
-        ((48, 40, 64, 64), "channels_last"),
+        # 48 channels, rows of 96 bytes: a pair of vectors (32 values converted together on
+        # AVX-512), then a vector; every other row's pair starts half a line past a line boundary
+        ((48, 48, 64, 64), "channels_last"),
     ],
 )
 @pytest.mark.parametrize("device", DEVICES)
@@ -119,7 +119,7 @@ def test_every_bfloat16_value_rounds_as_torch_on_cpu(shape, layout):
         ((16, 64, 32, 33), "contiguous"),  # streamed outputs
         ((16, 64, 32, 32), "channels_last"),
         ((24, 1000, 7, 7), "contiguous"),
-        ((32, 24, 32, 40), "channels_last"),  # rows of 16 + 8 channels, every other one 32-byte aligned
+        ((32, 24, 32, 40), "channels_last"),  # 24 channels: read as wider rows of 96 values (Columns)
         # rows of whole vectors: bfloat16 pairs take their per-channel coefficients in lane order
         # (AVX2), by blocks of channels that each task of the statistics finishes and normalizes
         # itself (64 rows: one part), by rows after several parts (300 rows), and in eval by

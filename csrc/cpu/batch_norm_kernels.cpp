@@ -216,7 +216,7 @@ struct IsVecPair<at::vec::VectorizedN<T, 2>> : std::true_type {};
 // 64-byte line (bfloat16 in one vcvtne2ps2bf16 rather than two conversions): on an AMD EPYC (Zen
 // 4), alternating processes of the two builds, old time / new, bfloat16 eval 1.22-1.47 on 2 threads
 // (8x64x56x56 either layout, 8x1024x14x14 and 8x2048x7x7 channels_last, 8x512x7x7) and 1.19-1.36
-// on 1 thread, training forward 1.03-1.13 and backward 1.03-1.24 on 2 threads; float16 eval 1.05-1.23.
+// on 1 thread, training forward 1.03-1.14 and backward 1.06-1.19 on 2 threads; float16 eval 1.05-1.23.
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 template <typename scalar_t>
 constexpr bool kStoresPairs = !std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
@@ -246,9 +246,9 @@ C10_ALWAYS_INLINE void store_packed(void* data, const __m256i& packed, bool stre
 #endif
 
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-// The lanes of `values` that vcvtneps2bf16 and vcvtne2ps2bf16 do not convert as torch does: they
-// round finite values and infinities the same way (to nearest even), but flush denormals to zero
-// and keep NaN payloads. One instruction where torch's rounding takes ten.
+// The lanes of `values` that vcvtneps2bf16 and vcvtne2ps2bf16 may not convert as torch does (NaN
+// and denormal lanes): they round finite values and infinities the same way (to nearest even), but
+// flush denormals to zero and keep NaN payloads. One instruction where torch's rounding takes ten.
 C10_ALWAYS_INLINE __mmask16 nan_or_denormal_lanes(const __m512& values) {
   constexpr int kNanOrDenormal = 0x01 | 0x20 | 0x80;  // quiet NaN, denormal, signaling NaN
   return _mm512_fpclass_ps_mask(values, kNanOrDenormal);
@@ -256,8 +256,8 @@ C10_ALWAYS_INLINE __mmask16 nan_or_denormal_lanes(const __m512& values) {
 #endif
 
 // Two vectors' values at `data` (kStoresPairs only): one conversion and one store (32 bytes on
-// AVX2, a 64-byte line on AVX-512), streaming when `stream` is set and the destination is aligned.
-// bfloat16 on AVX-512 converts as narrow does.
+// AVX2, a 64-byte line on AVX-512), streaming when `stream` is set and the destination is aligned
+// (on AVX-512, to a line or half a line). bfloat16 on AVX-512 converts as narrow does.
 template <typename scalar_t>
 C10_ALWAYS_INLINE void store_pair(scalar_t* data, const OpVec<scalar_t>& first, const OpVec<scalar_t>& second,
                                   bool stream) {
@@ -272,8 +272,15 @@ C10_ALWAYS_INLINE void store_pair(scalar_t* data, const OpVec<scalar_t>& first, 
   {
     packed = at::vec::convert_from_float<scalar_t>(first, second);
   }
-  if (stream && reinterpret_cast<uintptr_t>(data) % sizeof(__m512i) == 0) {
+  const uintptr_t line_offset = reinterpret_cast<uintptr_t>(data) % sizeof(__m512i);
+  if (stream && line_offset == 0) {
     _mm512_stream_si512(reinterpret_cast<__m512i*>(data), packed);
+  } else if (stream && line_offset == sizeof(__m256i)) {
+    // A pair across two lines (rows of 16 values more than a multiple of 32, as every other row of
+    // 48 channels): each half streamed on its own, as single vectors are, so that no line is left
+    // partly streamed.
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(data), _mm512_castsi512_si256(packed));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(data) + 1, _mm512_extracti64x4_epi64(packed, 1));
   } else {
     _mm512_storeu_si512(data, packed);
   }
@@ -993,8 +1000,8 @@ C10_ALWAYS_INLINE void for_each_row_channel(const RowBlock& rows, bool lane_orde
 
 // Whether to stream `output` (float32, bfloat16 or float16). Streaming stores must cover whole
 // aligned lines, since a partly written line makes them slow: rows of whole vectors and planes of
-// whole lines stream entirely (a reduced type's half-line stores follow each other and fill lines
-// together); longer planes (at least kMinStreamedPlane values) stream all but a head and a tail,
+// whole lines stream entirely (a reduced type's half-line stores, and on AVX-512 its pairs split
+// where they cross a line, follow each other and fill lines together); longer planes (at least kMinStreamedPlane values) stream all but a head and a tail,
 // stored as usual (map_run).
 constexpr int64_t kMinStreamedPlane = 256;
 
