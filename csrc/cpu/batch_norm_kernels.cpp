@@ -255,23 +255,33 @@ C10_ALWAYS_INLINE __mmask16 nan_or_denormal_lanes(const __m512& values) {
 }
 #endif
 
-// Two vectors' values at `data` (kStoresPairs only): one conversion and one store (32 bytes on
-// AVX2, a 64-byte line on AVX-512), streaming when `stream` is set and the destination is aligned
-// (on AVX-512, to a line or half a line). bfloat16 on AVX-512 converts as narrow does.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// Two compute-type vectors of a reduced type converted to it together, first's values then
+// second's, bit for bit as torch converts (narrow's twin for pairs).
+template <typename scalar_t>
+C10_ALWAYS_INLINE at::vec::Vectorized<scalar_t> narrow_pair(const OpVec<scalar_t>& first,
+                                                            const OpVec<scalar_t>& second) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    // Pairs holding a NaN or a denormal take torch's conversion (nan_or_denormal_lanes).
+    if ((nan_or_denormal_lanes(first) | nan_or_denormal_lanes(second)) == 0) {
+      return std::bit_cast<__m512i>(_mm512_cvtne2ps_pbh(second, first));
+    }
+  }
+#endif
+  return at::vec::convert_from_float<scalar_t>(first, second);
+}
+#endif
+
+// Two vectors' values at `data` (kStoresPairs only): one conversion (narrow_pair) and one store
+// (32 bytes on AVX2, a 64-byte line on AVX-512), streaming when `stream` is set and the
+// destination is aligned (on AVX-512, to a line or half a line).
 template <typename scalar_t>
 C10_ALWAYS_INLINE void store_pair(scalar_t* data, const OpVec<scalar_t>& first, const OpVec<scalar_t>& second,
                                   bool stream) {
   static_assert(kStoresPairs<scalar_t>, "pairs are stored only where kStoresPairs");
 #if defined(CPU_CAPABILITY_AVX512)
-  __m512i packed;
-#if defined(__AVX512BF16__)
-  if (std::is_same_v<scalar_t, at::BFloat16> && (nan_or_denormal_lanes(first) | nan_or_denormal_lanes(second)) == 0) {
-    packed = std::bit_cast<__m512i>(_mm512_cvtne2ps_pbh(second, first));
-  } else
-#endif
-  {
-    packed = at::vec::convert_from_float<scalar_t>(first, second);
-  }
+  const __m512i packed = narrow_pair<scalar_t>(first, second);
   const uintptr_t line_offset = reinterpret_cast<uintptr_t>(data) % sizeof(__m512i);
   if (stream && line_offset == 0) {
     _mm512_stream_si512(reinterpret_cast<__m512i*>(data), packed);
@@ -285,7 +295,7 @@ C10_ALWAYS_INLINE void store_pair(scalar_t* data, const OpVec<scalar_t>& first, 
     _mm512_storeu_si512(data, packed);
   }
 #elif defined(CPU_CAPABILITY_AVX2)
-  store_packed(data, at::vec::convert_from_float<scalar_t>(first, second), stream);
+  store_packed(data, narrow_pair<scalar_t>(first, second), stream);
 #endif
 }
 
@@ -1001,8 +1011,8 @@ C10_ALWAYS_INLINE void for_each_row_channel(const RowBlock& rows, bool lane_orde
 // Whether to stream `output` (float32, bfloat16 or float16). Streaming stores must cover whole
 // aligned lines, since a partly written line makes them slow: rows of whole vectors and planes of
 // whole lines stream entirely (a reduced type's half-line stores, and on AVX-512 its pairs split
-// where they cross a line, follow each other and fill lines together); longer planes (at least kMinStreamedPlane values) stream all but a head and a tail,
-// stored as usual (map_run).
+// where they cross a line, follow each other and fill lines together); longer planes (at least
+// kMinStreamedPlane values) stream all but a head and a tail, stored as usual (map_run).
 constexpr int64_t kMinStreamedPlane = 256;
 
 // Planes shorter than this are walked in memory order (map_plane_blocks) by an elementwise pass
