@@ -52,6 +52,16 @@ using at::Tensor;
 // Sums run in the compute type (float for float32) for this many terms per accumulator, then are
 // added into the accumulation type (double): fast loops, no long float sums.
 constexpr int64_t kFlushEvery = 8;
+// The same down the rows of a rows tensor (add_rows, add_rows_in_order). Their flush, two
+// conversions and two double additions per vector of lanes, had taken a quarter of the statistics'
+// vector operations at 8 rows (three per vector and row). At 32 rows, in-process A/B against 8 on
+// an AMD EPYC Zen 4 guest (float32 channels_last, 2 and 1 threads): training forward 0.90-0.96x
+// the time, backward 0.88-0.97x; the suite's errors against float64 came out the same on every
+// shape of its accuracy tests (8x longer planar stretches, by contrast, doubled the error of
+// few-row shapes: those stay at kFlushEvery).
+constexpr int64_t kRowFlushEvery = 32;
+// Rows ahead that the rows reductions prefetch (rows_prefetched).
+constexpr int64_t kPrefetchRowsAhead = 8;
 // Values below which a parallel loop is not worth splitting (torch's own grain size).
 constexpr int64_t kGrainValues = 32768;
 // Channels-last rows are split into at most this many parts, each reduced by one task; each part
@@ -1766,10 +1776,10 @@ C10_ALWAYS_INLINE void add_channels_one_by_one(int64_t r0, int64_t r1, int64_t j
 // Per-channel pair sums over rows [row_begin, row_end) of a block of `width` channels of a rows
 // tensor, added to first[j], second[j] (accumulation type). terms(r, j, first, second) adds row r's
 // terms of channel j to compute-type accumulators, or of channels j.. when they are vectors. Chunks
-// of channels are summed in registers over kFlushEvery rows, then flushed. prefetch(r, j, count)
-// prefetches row r's values of channels j..j+count, kFlushEvery rows ahead: a chunk walks its rows
-// at a stride of the row length, which the hardware prefetcher does not follow (channels_last
-// training forward 8-17% faster on 1 thread, up to 17% for bfloat16 on 2).
+// of channels are summed in registers over kRowFlushEvery rows, then flushed. prefetch(r, j,
+// count) prefetches row r's values of channels j..j+count, kPrefetchRowsAhead rows ahead: a chunk
+// walks its rows at a stride of the row length, which the hardware prefetcher does not follow
+// (channels_last training forward 8-17% faster on 1 thread, up to 17% for bfloat16 on 2).
 template <typename scalar_t, typename acc_t, typename Terms, typename Prefetch>
 void add_rows(int64_t row_begin, int64_t row_end, int64_t width, acc_t* first, acc_t* second, const Terms& terms,
               const Prefetch& prefetch) {
@@ -1787,8 +1797,8 @@ void add_rows(int64_t row_begin, int64_t row_end, int64_t width, acc_t* first, a
       first_lanes[k] = second_lanes[k] = Vec(opmath_t(0));
     }
     for (int64_t r = r0; r < r1; ++r) {
-      if (r + kFlushEvery < row_end) {
-        prefetch(r + kFlushEvery, j, kVecs * Vec::size());
+      if (r + kPrefetchRowsAhead < row_end) {
+        prefetch(r + kPrefetchRowsAhead, j, kVecs * Vec::size());
       }
       for (int64_t k = 0; k < kVecs; ++k) {
         terms(r, j + k * Vec::size(), first_lanes[k], second_lanes[k]);
@@ -1799,8 +1809,8 @@ void add_rows(int64_t row_begin, int64_t row_end, int64_t width, acc_t* first, a
       flush(second_lanes[k], second + j + k * Vec::size());
     }
   };
-  for (int64_t r0 = row_begin; r0 < row_end; r0 += kFlushEvery) {
-    const int64_t r1 = std::min(row_end, r0 + kFlushEvery);
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += kRowFlushEvery) {
+    const int64_t r1 = std::min(row_end, r0 + kRowFlushEvery);
     int64_t j = 0;
     for (; j + kRowChunkVecs * Vec::size() <= width; j += kRowChunkVecs * Vec::size()) {
       add_chunk(std::integral_constant<int64_t, kRowChunkVecs>{}, r0, r1, j);
@@ -1826,13 +1836,14 @@ void add_rows_prefetching_if(bool prefetch_ahead, int64_t row_begin, int64_t row
 }
 
 // Per-channel pair sums as add_rows gives them (the same terms added in the same order, so the
-// same sums bit for bit), with the rows walked in memory order: each run of kFlushEvery rows is
-// read row by row, its terms added to compute-type lanes of each channel kept in arrays (L1), which
-// are then flushed. Width at most kChannelBlock. prefetch(r, j, count) as for add_rows, called for
-// each vector with the row kFlushEvery ahead: in memory order too, the hardware prefetcher alone
-// left the sums at about twice the time of a plain read of both inputs (float32 channels_last
-// 8x256x56x56 below autograd on 1 thread of an AMD EPYC: 5.0 -> 3.0 ms in a standalone loop, where
-// summing both inputs took 2.5 ms; prefetching a whole row at once gained less, 3.9 ms).
+// same sums bit for bit), with the rows walked in memory order: each run of kRowFlushEvery rows
+// is read row by row, its terms added to compute-type lanes of each channel kept in arrays (L1),
+// which are then flushed. Width at most kChannelBlock. prefetch(r, j, count) as for add_rows,
+// called for each vector with the row kPrefetchRowsAhead ahead: in memory order too, the hardware
+// prefetcher alone left the sums at about twice the time of a plain read of both inputs (float32
+// channels_last 8x256x56x56 below autograd on 1 thread of an AMD EPYC: 5.0 -> 3.0 ms in a
+// standalone loop, where summing both inputs took 2.5 ms; prefetching a whole row at once gained
+// less, 3.9 ms).
 template <typename scalar_t, typename acc_t, typename Terms, typename Prefetch>
 void add_rows_in_order(int64_t row_begin, int64_t row_end, int64_t width, acc_t* first, acc_t* second,
                        const Terms& terms, const Prefetch& prefetch) {
@@ -1841,12 +1852,12 @@ void add_rows_in_order(int64_t row_begin, int64_t row_end, int64_t width, acc_t*
   const int64_t vec_width = width / Vec::size() * Vec::size();
   alignas(64) opmath_t first_lanes[kChannelBlock];
   alignas(64) opmath_t second_lanes[kChannelBlock];
-  for (int64_t r0 = row_begin; r0 < row_end; r0 += kFlushEvery) {
-    const int64_t r1 = std::min(row_end, r0 + kFlushEvery);
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += kRowFlushEvery) {
+    const int64_t r1 = std::min(row_end, r0 + kRowFlushEvery);
     std::fill_n(first_lanes, vec_width, opmath_t(0));
     std::fill_n(second_lanes, vec_width, opmath_t(0));
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t ahead = std::min(r + kFlushEvery, row_end - 1);
+      const int64_t ahead = std::min(r + kPrefetchRowsAhead, row_end - 1);
       for (int64_t j = 0; j < vec_width; j += Vec::size()) {
         prefetch(ahead, j, Vec::size());
         Vec first_vec = Vec::loadu(first_lanes + j);
