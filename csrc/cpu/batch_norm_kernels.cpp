@@ -38,6 +38,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -1546,10 +1547,65 @@ void normalize_planes_in_order(const scalar_t* x, scalar_t* y, const Layout& lay
                       });
 }
 
+// Vectors of a row whose coefficients normalize_short_rows keeps in registers: three registers
+// per vector, of the 32 AVX-512 has or the 16 of AVX2.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kMaxRegisterRowVecs = 8;
+#else
+constexpr int64_t kMaxRegisterRowVecs = 4;
+#endif
+
+// normalize_rows over whole rows of kUnits units (vectors, or pairs of them where a reduced type
+// stores pairs), each unit's coefficients loaded once for the block rather than once per row. On
+// an AMD EPYC Zen 4 guest, two builds alternating, old time / new: channels_last eval 1.18-1.34
+// (float32 8x64x56x56, 8x128x28x28, 4x64x28x28; 1 and 2 threads), bfloat16 1.19-1.39, (4096, 128)
+// 1.24; training forwards whose output streams, bound by their stores, 1.00-1.04.
+template <int64_t kUnits, typename Unit, typename opmath_t, typename scalar_t>
+void normalize_short_rows(const scalar_t* x, scalar_t* y, const RowBlock& rows, const ChannelAffines<opmath_t>& affines,
+                          bool stream) {
+  constexpr int64_t kUnitValues = IsVecPair<Unit>::value ? 2 * OpVec<scalar_t>::size() : OpVec<scalar_t>::size();
+  constexpr int64_t kWidth = kUnits * kUnitValues;
+  Unit center[kUnits], scale[kUnits], shift[kUnits];
+  for (int64_t k = 0; k < kUnits; ++k) {
+    center[k] = load_as<Unit>(affines.center.data() + k * kUnitValues);
+    scale[k] = load_as<Unit>(affines.scale.data() + k * kUnitValues);
+    shift[k] = load_as<Unit>(affines.shift.data() + k * kUnitValues);
+  }
+  for (int64_t r = rows.row_begin; r < rows.row_end; ++r) {
+    for (int64_t k = 0; k < kUnits; ++k) {
+      const int64_t i = r * kWidth + k * kUnitValues;
+      store_row<Unit>(y + i, multiply_add(load_row<Unit>(x + i) - center[k], scale[k], shift[k]), stream);
+    }
+  }
+}
+
+// Whether normalize_rows handed its rows to normalize_short_rows: whole rows of whole units, at
+// most kMaxRegisterRowVecs vectors, coefficients in channel order. Wider rows walked as blocks of
+// that many vectors lost where rows are 4 KB apart (8x1024x14x14 eval 1.10x the time on 1 thread).
+template <typename opmath_t, typename scalar_t>
+bool normalized_as_short_rows(const scalar_t* x, scalar_t* y, int64_t channels, const RowBlock& rows,
+                              const ChannelAffines<opmath_t>& affines, bool stream) {
+  using Unit = std::conditional_t<kStoresPairs<scalar_t>, VecPair<scalar_t>, OpVec<scalar_t>>;
+  constexpr int64_t kUnitVecs = kStoresPairs<scalar_t> ? 2 : 1;
+  constexpr int64_t kUnitValues = kUnitVecs * OpVec<scalar_t>::size();
+  if (affines.lane_order || rows.channel_begin != 0 || rows.channel_end != channels || channels % kUnitValues != 0 ||
+      channels / kUnitValues * kUnitVecs > kMaxRegisterRowVecs) {
+    return false;
+  }
+  const int64_t units = channels / kUnitValues;
+  const auto run = [&]<int64_t... kIndex>(std::integer_sequence<int64_t, kIndex...>) {
+    return ((units == kIndex + 1 && (normalize_short_rows<kIndex + 1, Unit>(x, y, rows, affines, stream), true)) || ...);
+  };
+  return run(std::make_integer_sequence<int64_t, kMaxRegisterRowVecs / kUnitVecs>{});
+}
+
 // The same over a block of a rows tensor of `channels` channels, with each channel's coefficients.
 template <typename opmath_t, typename scalar_t>
 void normalize_rows(const scalar_t* x, scalar_t* y, int64_t channels, const RowBlock& rows,
                     const ChannelAffines<opmath_t>& affines, bool stream) {
+  if (normalized_as_short_rows(x, y, channels, rows, affines, stream)) {
+    return;
+  }
   const opmath_t* center = affines.center.data();
   const opmath_t* scale = affines.scale.data();
   const opmath_t* shift = affines.shift.data();
