@@ -1594,7 +1594,8 @@ bool normalized_as_short_rows(const scalar_t* x, scalar_t* y, int64_t channels, 
   }
   const int64_t units = channels / kUnitValues;
   const auto run = [&]<int64_t... kIndex>(std::integer_sequence<int64_t, kIndex...>) {
-    return ((units == kIndex + 1 && (normalize_short_rows<kIndex + 1, Unit>(x, y, rows, affines, stream), true)) || ...);
+    return ((units == kIndex + 1 && (normalize_short_rows<kIndex + 1, Unit>(x, y, rows, affines, stream), true)) ||
+            ...);
   };
   return run(std::make_integer_sequence<int64_t, kMaxRegisterRowVecs / kUnitVecs>{});
 }
