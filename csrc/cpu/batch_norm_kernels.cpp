@@ -592,6 +592,13 @@ C10_ALWAYS_INLINE T multiply_add(const T& a, const T& b, const T& c) {
   }
 }
 
+// The centered form every normalize pass computes, (x - center) * scale + shift, the difference
+// first: values equal to the center map exactly to the shift.
+template <typename T>
+C10_ALWAYS_INLINE T centered_affine(const T& x, const T& center, const T& scale, const T& shift) {
+  return multiply_add(x - center, scale, shift);
+}
+
 // Independent accumulators per sum in pair_sums, to keep several vector adds in flight: as many as
 // the vector registers hold. AVX-512 has 32, and takes 4 per sum; AVX2's 16 took 4 per sum only by
 // keeping them on the stack, a store and a reload per add (AMD EPYC, Zen 3, 2 threads: backward of
@@ -1399,7 +1406,7 @@ C10_ALWAYS_INLINE void normalize_run(const scalar_t* x, scalar_t* y, int64_t n, 
   using Vec = OpVec<scalar_t>;
   const Vec center(affine.center), scale(affine.scale), shift(affine.shift);
   map_run(y, n, stream, [&](const auto& load) C10_ALWAYS_INLINE_ATTRIBUTE {
-    return at::vec::fmadd(load(x) - center, scale, shift);
+    return centered_affine(load(x), center, scale, shift);
   });
 }
 
@@ -1543,7 +1550,7 @@ void normalize_planes_in_order(const scalar_t* x, scalar_t* y, const Layout& lay
                       std::array<const opmath_t*, 3>{affines.center.data(), affines.scale.data(),
                                                      affines.shift.data()},
                       [=](const auto& load, const std::array<Vec, 3>& k) C10_ALWAYS_INLINE_ATTRIBUTE {
-                        return at::vec::fmadd(load(x) - k[0], k[1], k[2]);
+                        return centered_affine(load(x), k[0], k[1], k[2]);
                       });
 }
 
@@ -1563,7 +1570,7 @@ constexpr int64_t kMaxRegisterRowVecs = 4;
 template <int64_t kUnits, typename Unit, typename opmath_t, typename scalar_t>
 void normalize_short_rows(const scalar_t* x, scalar_t* y, const RowBlock& rows, const ChannelAffines<opmath_t>& affines,
                           bool stream) {
-  constexpr int64_t kUnitValues = IsVecPair<Unit>::value ? 2 * OpVec<scalar_t>::size() : OpVec<scalar_t>::size();
+  constexpr int64_t kUnitValues = Unit::size();
   constexpr int64_t kWidth = kUnits * kUnitValues;
   Unit center[kUnits], scale[kUnits], shift[kUnits];
   for (int64_t k = 0; k < kUnits; ++k) {
@@ -1574,7 +1581,7 @@ void normalize_short_rows(const scalar_t* x, scalar_t* y, const RowBlock& rows, 
   for (int64_t r = rows.row_begin; r < rows.row_end; ++r) {
     for (int64_t k = 0; k < kUnits; ++k) {
       const int64_t i = r * kWidth + k * kUnitValues;
-      store_row<Unit>(y + i, multiply_add(load_row<Unit>(x + i) - center[k], scale[k], shift[k]), stream);
+      store_row<Unit>(y + i, centered_affine(load_row<Unit>(x + i), center[k], scale[k], shift[k]), stream);
     }
   }
 }
@@ -1586,8 +1593,8 @@ template <typename opmath_t, typename scalar_t>
 bool normalized_as_short_rows(const scalar_t* x, scalar_t* y, int64_t channels, const RowBlock& rows,
                               const ChannelAffines<opmath_t>& affines, bool stream) {
   using Unit = std::conditional_t<kStoresPairs<scalar_t>, VecPair<scalar_t>, OpVec<scalar_t>>;
-  constexpr int64_t kUnitVecs = kStoresPairs<scalar_t> ? 2 : 1;
-  constexpr int64_t kUnitValues = kUnitVecs * OpVec<scalar_t>::size();
+  constexpr int64_t kUnitValues = Unit::size();
+  constexpr int64_t kUnitVecs = kUnitValues / OpVec<scalar_t>::size();
   if (affines.lane_order || rows.channel_begin != 0 || rows.channel_end != channels || channels % kUnitValues != 0 ||
       channels / kUnitValues * kUnitVecs > kMaxRegisterRowVecs) {
     return false;
@@ -1614,8 +1621,9 @@ void normalize_rows(const scalar_t* x, scalar_t* y, int64_t channels, const RowB
     using Kind = decltype(kind);
     using T = typename KindValues<Kind>::type;
     const int64_t i = r * channels + c;
-    const T centered = load_row<Kind>(x + i) - load_as<T>(center + c);
-    store_row<Kind>(y + i, multiply_add(centered, load_as<T>(scale + c), load_as<T>(shift + c)), stream);
+    const T values = centered_affine(load_row<Kind>(x + i), load_as<T>(center + c), load_as<T>(scale + c),
+                                     load_as<T>(shift + c));
+    store_row<Kind>(y + i, values, stream);
   });
 }
 
