@@ -189,6 +189,36 @@ def test_large_mean_is_at_least_as_accurate_as_torch(device, layout):
         )
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("stds", [0.0, 0.9, 1.1, 12.0, 1000.0])
+@pytest.mark.parametrize(
+    "shape,layout",
+    [((8, 16, 12, 12), "contiguous"), ((8, 16, 12, 12), "channels_last"), ((512, 48), "contiguous")],
+)
+@pytest.mark.parametrize("device", DEVICES)
+def test_output_within_a_unit_of_float64_wherever_the_mean_lies(device, shape, layout, stds, training):
+    """Every channel's mean `stds` standard deviations from zero (the batch's in training, the
+    running one in eval): the float32 output stays within one unit in the last place of its largest
+    value of float64 math on the same inputs. CPU passes fold the mean into the shift only within one
+    standard deviation of zero; folded at 12 or 1000, as torch folds, the error is 1-3000 units."""
+    dims = [0, *range(2, len(shape))]
+    x = make_input(shape, torch.float64, layout)
+    spread = x.std(dims, correction=0, keepdim=True)
+    x = (x - x.mean(dims, keepdim=True) + stds * spread).float()
+    channels = shape[1]
+    gen = torch.Generator().manual_seed(1)
+    weight, bias = torch.rand(channels, generator=gen) + 0.5, torch.randn(channels, generator=gen)
+    exact_mean, exact_var = x.double().mean(dims), x.double().var(dims, correction=0)
+    stats = (None, None) if training else (exact_mean.float(), exact_var.float())
+    y = bnext.batch_norm(x.to(device), *[t.to(device) if t is not None else None for t in stats],
+                         weight.to(device), bias.to(device), training=training)
+    exact = F.batch_norm(x.double(), *[t.double() if t is not None else None for t in stats], weight.double(),
+                         bias.double(), training=training)
+    error = (y.cpu().double() - exact).abs().max().item()
+    unit = torch.finfo(torch.float32).eps * exact.abs().max().item()
+    assert error <= unit, f"error {error / unit:.2f} units of the largest output"
+
+
 @pytest.mark.parametrize(
     "shape,layout",
     [
