@@ -81,7 +81,7 @@ constexpr int64_t kMinPartRows = 64;
 // threshold stops at 32 MB) maps every output afresh; the kernel zeroes each new page into cache
 // on first touch, and a streaming store over those dirty lines writes them back twice: measured
 // 1.4x slower than ordinary stores on 49 and 98 MB outputs. Eval also keeps ordinary stores where
-// its input and output fit in the caches near the threads (fits_in_near_caches).
+// its input and output fit in the caches near the threads (eval_streams).
 constexpr int64_t kStreamBytes = int64_t(3) << 19;  // 1.5 MB
 constexpr int64_t kStreamMaxBytes = int64_t(32) << 20;
 // Channels of a rows tensor reduced together by one task.
@@ -1215,9 +1215,18 @@ bool fits_in_near_caches(int64_t bytes) {
 }
 
 // Whether eval streams `output`, written as `layout` says (streams), when its input and it do not
-// fit in the caches near the threads together.
+// fit in the caches near the threads together; a float32 output on one thread, when they do not
+// fit in its L2. A victim L3's half was measured on 2 threads only (above). On 1 thread of an AMD
+// EPYC Zen 4 guest (1 MB of L2), in-process, streamed time / ordinary for outputs of 3.2 to 6.4 MB:
+// float32 eval 0.54-0.80 (8x1024x14x14, 8x256x28x28, 8x64x56x56 NCHW and channels_last,
+// 8x128x28x28 NCHW, 8x2048x7x7 and 4096x256); followed by a relu of the output, 0.79-0.93 from 4 MB
+// on, 1.10 for the 3.2 MB 8x128x28x28. bfloat16 was mixed: 8x512x28x28 0.89-0.90, but the 8.2 MB
+// of 32x128x1000 1.29 (1.13 with the relu). On 2 threads float32 was mixed too (0.70-2.5).
 bool eval_streams(const Tensor& output, const Layout& layout, bool in_memory_order = false) {
-  return streams(output, layout, in_memory_order) && !fits_in_near_caches(2 * static_cast<int64_t>(output.nbytes()));
+  const int64_t bytes = 2 * static_cast<int64_t>(output.nbytes());
+  const bool near = output.scalar_type() == at::kFloat && at::get_num_threads() == 1 ? bytes <= cache_sizes().l2
+                                                                                     : fits_in_near_caches(bytes);
+  return streams(output, layout, in_memory_order) && !near;
 }
 
 // Bytes one vector of the compute type occupies once stored as scalar_t: what a streaming store
