@@ -1314,6 +1314,12 @@ void wrap_channels(std::vector<T>& values, int64_t channels) {
   }
 }
 
+// Whether a channel's mean lies within one standard deviation of zero, |mean| <= sqrt(var + eps):
+// where its passes fold it into the shift (folding_affine, folded_gradient).
+inline bool folds_mean(double mean, double invstd) {
+  return std::abs(mean) * invstd <= 1.0;
+}
+
 // normalize_affine's coefficients, folded where that costs no accuracy: with the mean within one
 // standard deviation of zero, |mean| <= sqrt(var + eps), the center is 0 and the shift bias - mean *
 // scale, and the passes compute x * scale + shift (affine_map), one vector operation fewer per
@@ -1325,10 +1331,6 @@ void wrap_channels(std::vector<T>& values, int64_t channels) {
 // threads of an AMD EPYC Zen 4 guest, in-process, time folded / centered: float32 eval 0.77-0.97
 // (8x64x56x56 and 8x1024x14x14 channels_last 0.77-0.79), NCHW training forward of 8x512x28x28 0.75
 // and 32x128x1000 0.95, other training forwards 0.97-1.00.
-inline bool folds_mean(double mean, double invstd) {
-  return std::abs(mean) * invstd <= 1.0;
-}
-
 template <typename opmath_t>
 Affine<opmath_t> folding_affine(double mean, double invstd, double weight, double bias) {
   if (folds_mean(mean, invstd)) {
