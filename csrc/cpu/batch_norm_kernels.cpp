@@ -1202,9 +1202,7 @@ bool has_victim_l3() {
 // streaming ones for eval outputs of 3.2 to 4 MB (8x128x28x28, 4096x256, 8x2048x7x7), 0.57-0.79x
 // for 6.4 MB (8x64x56x56 and 8x256x28x28 float32, 8x512x28x28 channels_last bfloat16; a quarter
 // of the L3 streamed those), and 1.2-1.3x from 12.8 MB on (8x512x28x28 channels_last, 32x128x1000).
-// The training forward streams all the same: its backward, timed right after in the benchmark,
-// then finds its input and output gradient in cache (8x256x14x14 channels_last forward and
-// backward 0.35 ms with ordinary stores, 0.28 ms streamed, Sapphire Rapids).
+// The training forward has a rule of its own (train_streams).
 bool fits_in_near_caches(int64_t bytes) {
   const CacheSizes& sizes = cache_sizes();
   int64_t near = sizes.l2 * at::get_num_threads();
@@ -1227,6 +1225,24 @@ bool eval_streams(const Tensor& output, const Layout& layout, bool in_memory_ord
   const bool near = output.scalar_type() == at::kFloat && at::get_num_threads() == 1 ? bytes <= cache_sizes().l2
                                                                                      : fits_in_near_caches(bytes);
   return streams(output, layout, in_memory_order) && !near;
+}
+
+// Whether the training forward streams `output`: as eval does on several threads with a victim
+// L3, otherwise whenever it can (streams). Streaming there left the backward, timed right after in
+// the benchmark, its input and output gradient in cache (8x256x14x14 channels_last forward and
+// backward 0.35 ms with ordinary stores, 0.28 ms streamed, Sapphire Rapids). On 2 threads of an
+// AMD EPYC Zen 4 guest, in-process, ordinary time / streamed for float32 outputs of 1.6 to 6.4 MB
+// (8x1024x14x14, 8x2048x7x7, 8x64x56x56, 8x128x28x28 and 8x256x14x14 channels_last;
+// 8x1024x14x14, 8x64x56x56 and 8x128x28x28 NCHW; 4096x256): training forward 0.55-0.85, followed
+// by a relu of the output 0.49-0.62, forward and backward 0.82-1.08; bfloat16 training forward
+// 0.66-0.93 (8x512x28x28 NCHW 1.08). From 12.8 MB on, streaming gained (8x512x28x28 1.10-1.42,
+// 8x256x56x56 channels_last 1.24, 32x128x1000 1.19). On 1 thread float32 was mixed at 3.2 to 6.4
+// MB (0.82-1.22), so one thread keeps streaming.
+bool train_streams(const Tensor& output, const Layout& layout, bool in_memory_order = false) {
+  if (has_victim_l3() && at::get_num_threads() > 1) {
+    return eval_streams(output, layout, in_memory_order);
+  }
+  return streams(output, layout, in_memory_order);
 }
 
 // Bytes one vector of the compute type occupies once stored as scalar_t: what a streaming store
@@ -2697,7 +2713,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
   const auto [x, layout] = kernel_view(input);
   const auto stats_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
   Tensor output = at::empty_like(x);
-  const bool stream = streams(output, layout);
+  const bool stream = train_streams(output, layout);
   Tensor save_mean = at::empty({layout.channels}, stats_options);
   Tensor save_invstd = at::empty({layout.channels}, stats_options);
   if (layout.num_rows == 0) {
@@ -2738,9 +2754,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
       });
       if (as_columns) {
         affines.wrap(layout.channels);
-        normalize_planes_in_order(x_data, y_data, layout, affines, streams(output, layout, /*in_memory_order=*/true));
+        const bool stream_in_order = train_streams(output, layout, /*in_memory_order=*/true);
+        normalize_planes_in_order(x_data, y_data, layout, affines, stream_in_order);
       } else {
-        normalize_columns(x_data, y_data, columns, tile_affines(affines, columns), streams(output, columns.layout()),
+        const bool stream_columns = train_streams(output, columns.layout());
+        normalize_columns(x_data, y_data, columns, tile_affines(affines, columns), stream_columns,
                           /*after_reduction=*/RowPartition(columns.layout()).num_parts > 1);
       }
       return;
