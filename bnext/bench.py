@@ -626,6 +626,7 @@ def metadata(args, plan):
         "quick": args.quick,
         "shapes": [list(shape) for shape in shapes_for(args)],
         "malloc_keeps_freed_memory": args.malloc_keeps_freed_memory,
+        "huge_pages": huge_pages(),
         "autograd_entry_us": args.autograd_entry_us,
         "timing": asdict(plan),
         "definitions": TABLE_HEADER,
@@ -707,6 +708,20 @@ def keep_freed_memory():
         return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
     except (OSError, AttributeError):  # not glibc
         return False
+
+
+def huge_pages():
+    """How tensors' memory gets huge pages: torch's CPU allocator asks for them (madvise) for
+    blocks of 2 MB and up only when THP_MEM_ALLOC_ENABLE=1 is set before the first allocation, and
+    Linux grants them as /sys/kernel/mm/transparent_hugepage/enabled says. With 4 KB pages, an
+    output of a few MB cost every implementation here up to twice a copy into a preallocated
+    tensor (benchmarks/CPU_NOTES.md)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as setting:
+            system = next((word[1:-1] for word in setting.read().split() if word.startswith("[")), None)
+    except OSError:
+        system = None
+    return {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"), "transparent_hugepage": system}
 
 
 def cpu_busy_fraction(seconds=0.5):
@@ -836,7 +851,12 @@ def main(argv=None):
     configs = configurations(shapes_for(args), [DTYPES[name] for name in args.dtype], args.device)
     args.cpu_busy_before_start = warn_if_busy()
     check_all(configs)
-    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    if args.device == "cuda":
+        where = torch.cuda.get_device_name()
+    else:
+        pages = huge_pages()
+        where = (f"{torch.get_num_threads()} CPU threads (THP_MEM_ALLOC_ENABLE={pages['THP_MEM_ALLOC_ENABLE']}, "
+                 f"transparent_hugepage {pages['transparent_hugepage']})")
     log(f"timing {len(configs) * len(args.cases)} cases on {where} ...")
     results = benchmark(configs, args.cases, plan)
     args.autograd_entry_us = autograd_entry_seconds(args.device) * 1e6
