@@ -626,7 +626,7 @@ def metadata(args, plan):
         "quick": args.quick,
         "shapes": [list(shape) for shape in shapes_for(args)],
         "malloc_keeps_freed_memory": args.malloc_keeps_freed_memory,
-        "huge_pages": huge_pages(),
+        "huge_pages": args.huge_pages,
         "autograd_entry_us": args.autograd_entry_us,
         "timing": asdict(plan),
         "definitions": TABLE_HEADER,
@@ -845,6 +845,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.malloc_keeps_freed_memory = False if args.system_malloc else keep_freed_memory()
+    args.huge_pages = huge_pages()
     if not args.system_malloc and not args.malloc_keeps_freed_memory:
         log("warning: could not tune malloc (not glibc?); page faults may add noise to the timings")
     plan = timing_plan(args)
@@ -854,7 +855,7 @@ def main(argv=None):
     if args.device == "cuda":
         where = torch.cuda.get_device_name()
     else:
-        pages = huge_pages()
+        pages = args.huge_pages
         where = (f"{torch.get_num_threads()} CPU threads (THP_MEM_ALLOC_ENABLE={pages['THP_MEM_ALLOC_ENABLE']}, "
                  f"transparent_hugepage {pages['transparent_hugepage']})")
     log(f"timing {len(configs) * len(args.cases)} cases on {where} ...")
