@@ -107,8 +107,9 @@ LARGE_SHAPES = {
     "wide_rows_blocked": (130, 4100),
     # outputs of 1.5 MB and more are streamed: whole when their runs fill whole lines
     # (aligned), all but each plane's head and tail for long unaligned planes (1023 values), not at
-    # all for short unaligned ones (7x7 below) in training and backward; eval walks planes under
-    # 256 values in memory order and streams them whole.
+    # all for short unaligned ones walked channel by channel (7x7 below, without AVX-512); with
+    # AVX-512, eval walks planes under 256 values in memory order and streams them whole, and so
+    # do the training forward and backward with planes under 64 values, after every channel's sums.
     "streamed_aligned": (16, 64, 32, 33),
     "streamed_unaligned": (8, 130, 31, 33),
     "unstreamed_short_planes": (24, 1000, 7, 7),
@@ -129,6 +130,9 @@ LARGE_SHAPES = {
     # tasks of their own where the channels do not spread evenly over the threads
     "split_three_channels": (10, 3, 60, 70),
     "split_two_channels": (3, 2, 16, 96, 96),
+    # few channels of 7x7 planes: summed in runs of images, then (AVX-512) the elementwise passes
+    # in memory order
+    "split_short_planes": (40, 3, 7, 7),
     # planes under 64 values in a batch of at least as many images: read as Columns on builds
     # without AVX-512, with a tail of columns past whole vectors (41 x 49), or wide rows of two
     # images and one left over (24 x 9 values; 33 images)

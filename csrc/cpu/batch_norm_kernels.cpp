@@ -1082,6 +1082,26 @@ bool planes_in_memory_order(const Layout& layout) {
   return !layout.rows && layout.inner < kMinPlaneByPlane;
 }
 
+// Planes shorter than this many values get the elementwise pass of a training forward or backward
+// in memory order (map_plane_blocks) once every channel's sums are done (short_planes_after_sums):
+// four vectors of float32 with AVX-512.
+constexpr int64_t kMaxPlaneAfterSums = 64;
+
+// Whether the training forward and backward of a planar tensor sum every channel first and then
+// make their elementwise pass over the tensor in memory order (short planes, kMaxPlaneAfterSums;
+// planes walked in memory order at all, planes_in_memory_order), rather than channel by channel,
+// each right after its sums. A channel of 7x7 planes is runs of three vectors and one value, an
+// image apart, each run its own loop. On an AMD EPYC Zen 4 guest, this build against the one
+// before it, medians of 3 processes each, float32 new / old: training forward of 8x512x7x7,
+// 8x2048x7x7, 32x512x7x7 and 64x64x5x5 0.61-0.98 (1 and 2 threads), 128x512x7x7 (12.8 MB)
+// 0.49; backward 0.58-0.88; bfloat16 7x7 0.88-0.95. In-process, with a switch between the two:
+// float16 and float64 alike (0.73-0.96), and the AVX2 build too (planes of 9 to 25 values,
+// 0.65-0.94). Longer planes were mixed there: float32 8x8 to 14x14 0.57-1.20 (8x256x14x14
+// 1.0-1.2 on 1 thread), bfloat16 and float16 0.94-1.19.
+bool short_planes_after_sums(const Layout& layout) {
+  return planes_in_memory_order(layout) && layout.inner < kMaxPlaneAfterSums;
+}
+
 // Planes shorter than this many values are read as Columns from batches of as many images as a
 // plane has values (planes_as_columns).
 constexpr int64_t kMaxColumnPlane = 64;
@@ -2739,10 +2759,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
       invstd_data[c] = static_cast<opmath_t>(invstd);
       return folding_affine<opmath_t>(mean, invstd, w, b);
     };
-    const bool as_columns = planes_as_columns(layout, OpVec<scalar_t>::size());
-    if (as_columns || narrow_rows(layout)) {
-      const Columns columns(layout);
-      const std::vector<Moments<acc_t>> moments = column_moments<opmath_t, acc_t>(x_data, columns);
+    // Every channel's saved statistics and coefficients, from all their moments.
+    const auto all_affines = [&](const std::vector<Moments<acc_t>>& moments) {
       ChannelAffines<opmath_t> affines(layout.channels);
       for_channel_blocks(layout.channels, [&](int64_t c0, int64_t n) {
         double w[kParamBlock], b[kParamBlock];
@@ -2752,10 +2770,20 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
           affines.set(c0 + j, finish_channel(c0 + j, moments[c0 + j], w[j], b[j]));
         }
       });
+      return affines;
+    };
+    // A planar tensor normalized in memory order, after every channel's sums.
+    const auto normalize_in_order = [&](ChannelAffines<opmath_t>& affines) {
+      affines.wrap(layout.channels);
+      const bool stream_in_order = train_streams(output, layout, /*in_memory_order=*/true);
+      normalize_planes_in_order(x_data, y_data, layout, affines, stream_in_order);
+    };
+    const bool as_columns = planes_as_columns(layout, OpVec<scalar_t>::size());
+    if (as_columns || narrow_rows(layout)) {
+      const Columns columns(layout);
+      ChannelAffines<opmath_t> affines = all_affines(column_moments<opmath_t, acc_t>(x_data, columns));
       if (as_columns) {
-        affines.wrap(layout.channels);
-        const bool stream_in_order = train_streams(output, layout, /*in_memory_order=*/true);
-        normalize_planes_in_order(x_data, y_data, layout, affines, stream_in_order);
+        normalize_in_order(affines);
       } else {
         const bool stream_columns = train_streams(output, columns.layout());
         normalize_columns(x_data, y_data, columns, tile_affines(affines, columns), stream_columns,
@@ -2764,9 +2792,14 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
       return;
     }
     if (!layout.rows) {
+      const PlanarSplit split(layout);
+      if (short_planes_after_sums(layout)) {
+        ChannelAffines<opmath_t> affines = all_affines(split_planar_moments<acc_t>(x_data, layout, split));
+        normalize_in_order(affines);
+        return;
+      }
       const std::vector<double> w = all_channels<double>(weight_values, layout.channels);
       const std::vector<double> b = all_channels<double>(bias_values, layout.channels);
-      const PlanarSplit split(layout);
       if (split.split_tasks()) {
         // Statistics per run of images, merged per channel, then each run normalized.
         const std::vector<Moments<acc_t>> moments = split_planar_moments<acc_t>(x_data, layout, split);
@@ -3061,7 +3094,10 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
         return folded_gradient(input_gradient(invstd_c, weight_c, sum_dy[c], sum_dy_xmu[c], count, training),
                                mean_op[c], invstd_c, grad_mean[c]);
       };
-      const int64_t coefficients = output_mask[0] && (layout.rows || as_columns) ? channels + kMaxLanes : 0;
+      // Short planes of a training backward: every channel's sums, then the input gradient in memory order.
+      const bool short_planes_in_order = training && short_planes_after_sums(layout);
+      const bool in_order = as_columns || short_planes_in_order;
+      const int64_t coefficients = output_mask[0] && (layout.rows || in_order) ? channels + kMaxLanes : 0;
       std::vector<opmath_t> dy_scale(coefficients);
       std::vector<opmath_t> xmu_scale(coefficients);
       std::vector<opmath_t> shift(coefficients);
@@ -3080,6 +3116,12 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
           }
         }
       };
+      // Once every channel's sums are in: the input gradient of a planar tensor in memory order.
+      const auto input_grad_in_order = [&] {
+        for_channel_blocks(channels, [&](int64_t c0, int64_t n) { set_gradients(c0, c0 + n); });
+        input_grad_in_memory_order(dy_data, x_data, dx_data, layout, grad_mean, dy_scale, xmu_scale, shift, training,
+                                   streams(grad_input, layout, /*in_memory_order=*/true));
+      };
       if (as_columns || narrow_rows(layout)) {
         // Summed as wide rows of columns, then the input gradient: planes' in memory order,
         // narrow rows' by wide rows.
@@ -3091,11 +3133,10 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
         if (!output_mask[0]) {
           return;
         }
-        for_channel_blocks(channels, [&](int64_t c0, int64_t n) { set_gradients(c0, c0 + n); });
         if (as_columns) {
-          input_grad_in_memory_order(dy_data, x_data, dx_data, layout, grad_mean, dy_scale, xmu_scale, shift, training,
-                                     streams(grad_input, layout, /*in_memory_order=*/true));
+          input_grad_in_order();
         } else {
+          for_channel_blocks(channels, [&](int64_t c0, int64_t n) { set_gradients(c0, c0 + n); });
           input_grad_columns(dy_data, x_data, dx_data, columns, grad_mean.data(), dy_scale.data(), xmu_scale.data(),
                              shift.data(), training, streams(grad_input, columns.layout()));
         }
@@ -3106,12 +3147,14 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
         // which needs no sums: in memory order (as eval's forward walks planes under 256 values),
         // its input gradient went 0.14 -> 0.20 ms on 8x2048x7x7 and 0.25 -> 0.34 ms on 8x1024x14x14
         // (Sapphire Rapids). Short planes of tensors beyond the near caches go in blocks of channels
-        // instead (planes_in_channel_blocks).
+        // instead (planes_in_channel_blocks), and a training backward's planes under 64 values in
+        // memory order after all the sums (short_planes_after_sums).
         const std::vector<double> invstd_c = all_channels<double>(invstd_values, channels);
         const std::vector<double> weight_c = all_channels<double>(weight_values, channels);
         const PlanarSplit split(layout);
-        if (split.split_tasks()) {
-          // Sums per run of images, added per channel in order, then each run's input gradient.
+        if (short_planes_in_order || split.split_tasks()) {
+          // Sums per run of images (a channel's planes are one run unless split), added per channel
+          // in order, then the input gradient: in memory order, or each run's.
           if (need_sums) {
             std::vector<std::pair<acc_t, acc_t>> parts(split.num_tasks());
             at::parallel_for(0, split.num_tasks(), 1, [&](int64_t begin, int64_t end) {
@@ -3127,6 +3170,10 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
             }
           }
           if (!output_mask[0]) {
+            return;
+          }
+          if (short_planes_in_order) {
+            input_grad_in_order();
             return;
           }
           std::vector<InputGradient<opmath_t>> g(channels);
