@@ -2798,15 +2798,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
         normalize_in_order(affines);
         return;
       }
-      const std::vector<double> w = all_channels<double>(weight_values, layout.channels);
-      const std::vector<double> b = all_channels<double>(bias_values, layout.channels);
       if (split.split_tasks()) {
         // Statistics per run of images, merged per channel, then each run normalized.
-        const std::vector<Moments<acc_t>> moments = split_planar_moments<acc_t>(x_data, layout, split);
-        ChannelAffines<opmath_t> affines(layout.channels);
-        for (int64_t c = 0; c < layout.channels; ++c) {
-          affines.set(c, finish_channel(c, moments[c], w[c], b[c]));
-        }
+        const ChannelAffines<opmath_t> affines = all_affines(split_planar_moments<acc_t>(x_data, layout, split));
         split.for_tasks_last_first(stream, [&](int64_t task) {
           const int64_t c = split.channel(task);
           normalize_channel(x_data, y_data, layout, c, affines.get(c), stream, split.image_begin(task),
@@ -2815,6 +2809,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const s
         return;
       }
       // Channel by channel: the normalize pass re-reads the channel while the statistics pass left it in cache.
+      const std::vector<double> w = all_channels<double>(weight_values, layout.channels);
+      const std::vector<double> b = all_channels<double>(bias_values, layout.channels);
       parallel_for_output(0, layout.channels, 1, stream, [&](int64_t c_begin, int64_t c_end) {
         for (int64_t c = c_begin; c < c_end; ++c) {
           const auto affine = finish_channel(c, split_channel_moments(x_data, layout, split, c), w[c], b[c]);
