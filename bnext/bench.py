@@ -16,7 +16,9 @@ tensors, and reports the median over rounds of each timer's median.
 
 The backward cases (train_bwd, fwd_bwd) time the layer's autograd node applied to the output's
 gradient, as a training step's backward pass applies it (backward_timer); the cost of entering
-autograd, once per backward() call, is measured apart and printed with the table.
+autograd, once per backward() call, is measured apart and printed with the table. eval_bwd, timed
+only when --cases asks for it, does the same for a layer in eval mode (running statistics frozen,
+weight and bias still trained, as when fine-tuning).
 """
 import argparse
 import ctypes
@@ -63,6 +65,7 @@ GPU_SHAPES = (
 GPU_QUICK_SHAPES = [(64, 64, 56, 56), (256, 1024, 14, 14), (64, 2048, 7, 7), (65536, 256)]
 
 CASES = ("train_fwd", "eval_fwd", "train_bwd", "fwd_bwd")
+OPTIONAL_CASES = ("eval_bwd",)  # timed only when --cases names them
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # (rtol, atol); atol is scaled by the reference's magnitude, see `mismatch`.
 TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-2)}
@@ -73,7 +76,7 @@ MEMORY_FORMATS = {
 }
 # Fewest bytes each case must move, in units of |x| (the input's size in bytes): a forward reads
 # x and writes y, a backward reads x and dy and writes dx, and a copy reads x and writes y.
-TRAFFIC = {"train_fwd": 2, "eval_fwd": 2, "train_bwd": 3, "fwd_bwd": 5}
+TRAFFIC = {"train_fwd": 2, "eval_fwd": 2, "train_bwd": 3, "fwd_bwd": 5, "eval_bwd": 3}
 COPY_TRAFFIC = 2
 
 
@@ -193,22 +196,31 @@ def clone_parameters(parameters):
 
 
 def run_reference_step(batch_norm, x, grad_output, parameters):
-    """One training step and one eval forward; every tensor worth comparing, by name."""
+    """One training step, then one eval step (forward and backward); every tensor worth comparing,
+    by name."""
     weight, bias, running_mean, running_var = clone_parameters(parameters)
     x = x.detach().clone().requires_grad_()
     output = batch_norm(x, running_mean, running_var, weight, bias, True, MOMENTUM, EPS)
     output.backward(grad_output)
-    with torch.no_grad():
-        eval_output = batch_norm(x, running_mean, running_var, weight, bias, False, MOMENTUM, EPS)
-    return {
+    tensors = {
         "train output": output.detach(),
         "grad_input": x.grad,
         "grad_weight": weight.grad,
         "grad_bias": bias.grad,
         "running_mean": running_mean,
         "running_var": running_var,
-        "eval output": eval_output,
     }
+    for tensor in (x, weight, bias):
+        tensor.grad = None
+    eval_output = batch_norm(x, running_mean, running_var, weight, bias, False, MOMENTUM, EPS)
+    eval_output.backward(grad_output)
+    tensors.update({
+        "eval output": eval_output.detach(),
+        "eval grad_input": x.grad,
+        "eval grad_weight": weight.grad,
+        "eval grad_bias": bias.grad,
+    })
+    return tensors
 
 
 def mismatch(actual, expected, dtype):
@@ -329,10 +341,10 @@ def node_inputs(output, grad_output):
     return (grad_output,) + (None,) * (len(output.grad_fn._input_metadata) - 1)
 
 
-def backward_timer(batch_norm, x, grad_output, parameters, include_forward, stopwatch):
-    """Training backward: the layer's autograd node, recorded by a forward every repetition, applied
-    to grad_output with grad mode off, as the autograd engine applies each node of a training
-    step's backward pass. The forward is timed only if asked.
+def backward_timer(batch_norm, x, grad_output, parameters, include_forward, stopwatch, training=True):
+    """Backward (of a training forward, or of an eval one): the layer's autograd node, recorded by a
+    forward every repetition, applied to grad_output with grad mode off, as the autograd engine
+    applies each node of a backward pass. The forward is timed only if asked.
 
     `output.backward(grad_output)` would add autograd's entry cost (checking the gradients, setting
     up the graph task), which a training step pays once per backward() call for the whole network,
@@ -340,8 +352,8 @@ def backward_timer(batch_norm, x, grad_output, parameters, include_forward, stop
     small layer, for bnext and torch alike. The report gives it (autograd_entry_us), measured in
     the same run."""
     weight, bias, running_mean, running_var = parameters
-    probe = batch_norm(x.detach().requires_grad_(), running_mean.clone(), running_var.clone(), weight, bias, True,
-                       MOMENTUM, EPS)
+    probe = batch_norm(x.detach().requires_grad_(), running_mean.clone(), running_var.clone(), weight, bias,
+                       training, MOMENTUM, EPS)
     gradients = node_inputs(probe, grad_output)
     del probe
     kept = []
@@ -350,7 +362,7 @@ def backward_timer(batch_norm, x, grad_output, parameters, include_forward, stop
         kept.clear()
         leaf = x.detach().requires_grad_()
         start = stopwatch.start()
-        output = batch_norm(leaf, running_mean, running_var, weight, bias, True, MOMENTUM, EPS)
+        output = batch_norm(leaf, running_mean, running_var, weight, bias, training, MOMENTUM, EPS)
         with torch.no_grad():
             if not include_forward:
                 start = stopwatch.start()
@@ -393,7 +405,7 @@ def make_timers(config, case):
     """name -> function running one repetition and returning its duration in seconds."""
     x = random_tensor(config)
     grad_output = random_tensor(config)
-    needs_grad = case in ("train_bwd", "fwd_bwd")
+    needs_grad = case in ("train_bwd", "fwd_bwd", "eval_bwd")
     parameters = random_parameters(config, requires_grad=needs_grad)
     stopwatch = Stopwatch(config.device)
     timers = {}
@@ -402,7 +414,9 @@ def make_timers(config, case):
         if case in ("train_fwd", "eval_fwd"):
             timers[name] = forward_timer(batch_norm, x, own, case == "train_fwd", stopwatch)
         else:
-            timers[name] = backward_timer(batch_norm, x, grad_output, own, case == "fwd_bwd", stopwatch)
+            timers[name] = backward_timer(
+                batch_norm, x, grad_output, own, case == "fwd_bwd", stopwatch, training=case != "eval_bwd"
+            )
     timers["copy"] = copy_timer(x, stopwatch)
     return timers
 
@@ -495,11 +509,11 @@ def benchmark(configs, cases, plan):
 
 TABLE_HEADER = (
     "speedup = torch ms / bnext ms. floor x = time / floor, floor = T_copy (fwd), 1.5 T_copy "
-    "(train_bwd), 2.5 T_copy (fwd_bwd), where T_copy is the median of y.copy_(x) (moves 2|x|).\n"
-    "GB/s = minimal bytes / bnext time, minimal bytes = 2|x| (fwd), 3|x| (train_bwd), 5|x| (fwd_bwd)."
+    "(train_bwd, eval_bwd), 2.5 T_copy (fwd_bwd), where T_copy is the median of y.copy_(x) (moves 2|x|).\n"
+    "GB/s = minimal bytes / bnext time, minimal bytes = 2|x| (fwd), 3|x| (train_bwd, eval_bwd), 5|x| (fwd_bwd)."
 )
 AUTOGRAD_ENTRY_NOTE = (
-    "train_bwd and fwd_bwd apply the layer's autograd node, as a backward pass does; backward() also "
+    "The backward cases apply the layer's autograd node, as a backward pass does; backward() also "
     "costs {:.1f} us per call (this run, a one-node graph), once per training step, not included."
 )
 COLUMNS = [  # (title, width, format of a Result)
@@ -790,7 +804,10 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, help="torch.set_num_threads(N) (default: torch's own default)")
     parser.add_argument("--dtype", type=comma_list(list(DTYPES)), default=["float32"], help="float32,bfloat16")
     parser.add_argument(
-        "--cases", type=comma_list(list(CASES)), default=list(CASES), help=f"subset of {','.join(CASES)}"
+        "--cases",
+        type=comma_list(list(CASES + OPTIONAL_CASES)),
+        default=list(CASES),
+        help=f"subset of {','.join(CASES + OPTIONAL_CASES)} (default: {','.join(CASES)})",
     )
     parser.add_argument(
         "--shapes", type=shape_list, help="shapes to time instead of the default set, e.g. 8x8192,64x8192"

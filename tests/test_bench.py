@@ -39,8 +39,9 @@ def test_each_round_times_fresh_tensors_and_the_median_round_counts(monkeypatch)
     assert medians == {"bnext": 1e-3, "torch": 2e-3, "copy": 0.5e-3}
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name", ["bnext", "torch"])
-def test_backward_cases_time_the_whole_backward(name):
+def test_backward_cases_time_the_whole_backward(name, training):
     """The backward cases apply the layer's autograd node; it gives the gradients backward() gives."""
     torch.manual_seed(0)
     batch_norm = bench.implementations("cpu")[name]
@@ -50,7 +51,7 @@ def test_backward_cases_time_the_whole_backward(name):
     bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
     leaf = x.clone().requires_grad_()
     output = batch_norm(leaf, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), weight, bias,
-                        True, 0.1, 1e-5)
+                        training, 0.1, 1e-5)
     with torch.no_grad():
         node_grads = output.grad_fn(*bench.node_inputs(output, grad_output))
     output.backward(grad_output)
@@ -58,3 +59,24 @@ def test_backward_cases_time_the_whole_backward(name):
     assert len([g for g in node_grads if g is not None]) == 3
     for got, want in zip([g for g in node_grads if g is not None], expected):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_eval_backward_is_timed_only_when_asked():
+    assert "eval_bwd" not in bench.parse_args([]).cases
+    assert bench.parse_args(["--cases", "eval_bwd,train_fwd"]).cases == ["eval_bwd", "train_fwd"]
+
+
+def test_configuration_check_catches_a_wrong_eval_gradient(monkeypatch):
+    """The check before timing covers the gradients of an eval-mode forward, which eval_bwd times:
+    an eval input gradient off by half the output gradient, with every output right, is reported."""
+    import types
+
+    import torch.nn.functional as F
+
+    def eval_gradient_off(x, running_mean, running_var, weight, bias, training, momentum, eps):
+        output = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        return output if training else output + 0.5 * (x - x.detach())
+
+    monkeypatch.setattr(bench, "bnext", types.SimpleNamespace(batch_norm=eval_gradient_off))
+    problems = bench.check_configuration(bench.Config((4, 3, 5, 5), "channels_last", torch.float32))
+    assert len(problems) == 1 and "eval grad_input" in problems[0]
