@@ -14,11 +14,11 @@ and a plain copy of the input (the memory-traffic floor) interleaved in one loop
 or thermal drift hits all three alike; each case runs in three rounds, each on freshly allocated
 tensors, and reports the median over rounds of each timer's median.
 
-The backward cases (train_bwd, fwd_bwd) time the layer's autograd node applied to the output's
-gradient, as a training step's backward pass applies it (backward_timer); the cost of entering
-autograd, once per backward() call, is measured apart and printed with the table. eval_bwd, timed
-only when --cases asks for it, does the same for a layer in eval mode (running statistics frozen,
-weight and bias still trained, as when fine-tuning).
+The training backward cases (train_bwd, fwd_bwd) time the layer's autograd node applied to the
+output's gradient, as a training step's backward pass applies it (backward_timer); the cost of
+entering autograd, once per backward() call, is measured apart and printed with the table.
+eval_bwd, timed only when --cases asks for it, does the same for a layer in eval mode (running
+statistics frozen, weight and bias still trained, as when fine-tuning).
 """
 import argparse
 import ctypes

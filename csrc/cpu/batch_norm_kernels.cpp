@@ -3282,7 +3282,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
                                 block_gradients(c0, c1), stream);
               }
             },
-            eval_with_sums ? dx_data : nullptr, dy_scale.data());
+            eval_with_sums ? dx_data : nullptr, eval_with_sums ? dy_scale.data() : nullptr);
       }
       if (!output_mask[0] || fused || eval_with_sums) {
         return;
