@@ -3147,7 +3147,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
       // Eval's input gradient, dy * dy_scale, needs no sums: rows, and planes taken channel by
       // channel, store it in the sums' own sweep, which then reads dy once. On 2 threads of an AMD
       // EPYC Zen 4, float32 channels_last eval backward 0.68-0.91x the time (8x1024x14x14 0.69),
-      // (4096, 256) and (256, 1024) 0.85x and 0.74x; 1 thread and bfloat16 0.79-1.0x.
+      // (4096, 256) and (256, 1024) 0.85x and 0.74x; 1 thread 0.79-1.05x, bfloat16 0.79-1.02x.
       const bool eval_with_sums = !training && output_mask[0] && need_sums;
       if (as_columns || narrow_rows(layout)) {
         // Summed as wide rows of columns, then the input gradient: planes' in memory order,
