@@ -2122,8 +2122,13 @@ bool rows_read_from_far(const Layout& layout) {
 // training forward 2.30 -> 2.08 ms on 2 threads (4.61 -> 3.68 ms on 1), the backward's sums 1.86 ->
 // 1.52 ms (2.06 -> 1.63 ms); bfloat16 sums 1.40 -> 1.04 ms on 1 thread.
 template <typename scalar_t>
+bool rows_wider_than_chunk(const Layout& layout) {
+  return layout.channels > kRowChunkVecs * OpVec<scalar_t>::size();
+}
+
+template <typename scalar_t>
 bool rows_prefetched(const Layout& layout) {
-  return layout.channels > kRowChunkVecs * OpVec<scalar_t>::size() && rows_read_from_far<scalar_t>(layout);
+  return rows_wider_than_chunk<scalar_t>(layout) && rows_read_from_far<scalar_t>(layout);
 }
 
 // shift_of's value (through shift_from) for channels [c0, c0 + width) of a rows tensor (width at
@@ -2330,7 +2335,7 @@ void rows_grad_sums(const scalar_t* dy, const scalar_t* x, const Layout& layout,
   // stores dx: channels_last 8x1024x14x14 eval backward 0.89x the time on 1 thread, 0.93x on 2
   // (AMD EPYC Zen 4, in-process).
   const bool prefetch_ahead =
-      rows_prefetched<scalar_t>(layout) || (dx != nullptr && layout.channels > kRowChunkVecs * OpVec<scalar_t>::size());
+      rows_wider_than_chunk<scalar_t>(layout) && (dx != nullptr || rows_read_from_far<scalar_t>(layout));
   with_flag(dx != nullptr, [&](auto stores_dx) {
     parallel_for_output(0, partition.num_tasks(), 1, stream, [&](int64_t task_begin, int64_t task_end) {
       for (int64_t task = task_begin; task < task_end; ++task) {
@@ -2753,6 +2758,22 @@ std::vector<Moments<acc_t>> split_planar_moments(const scalar_t* x, const Layout
   return channels;
 }
 
+// sum(dy) and sum(dy * (x - mean)) of channel c of a planar tensor: its runs' (PlanarSplit), added
+// in order to zero; with `dx`, its input gradient too (planar_channel_grad_sums).
+template <typename acc_t, typename scalar_t, typename opmath_t>
+std::pair<acc_t, acc_t> split_channel_grad_sums(const scalar_t* dy, const scalar_t* x, const Layout& layout,
+                                                const PlanarSplit& split, int64_t c, opmath_t mean,
+                                                scalar_t* dx, opmath_t dy_scale, bool stream) {
+  std::pair<acc_t, acc_t> sums{0, 0};
+  for (int64_t task = c * split.chunks; task < (c + 1) * split.chunks; ++task) {
+    const auto [sum_dy, sum_dy_xmu] = planar_channel_grad_sums(dy, x, layout, c, mean, split.image_begin(task),
+                                                               split.image_end(task), dx, dy_scale, stream);
+    sums.first += sum_dy;
+    sums.second += sum_dy_xmu;
+  }
+  return sums;
+}
+
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const std::optional<Tensor>& weight,
                                                     const std::optional<Tensor>& bias, double eps) {
   check_train_args(input, weight, bias, eps);
@@ -3138,9 +3159,12 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
           }
         }
       };
+      const auto set_all_gradients = [&] {
+        for_channel_blocks(channels, [&](int64_t c0, int64_t n) { set_gradients(c0, c0 + n); });
+      };
       // Once every channel's sums are in: the input gradient of a planar tensor in memory order.
       const auto input_grad_in_order = [&] {
-        for_channel_blocks(channels, [&](int64_t c0, int64_t n) { set_gradients(c0, c0 + n); });
+        set_all_gradients();
         input_grad_in_memory_order(dy_data, x_data, dx_data, layout, grad_mean, dy_scale, xmu_scale, shift, training,
                                    streams(grad_input, layout, /*in_memory_order=*/true));
       };
@@ -3163,7 +3187,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
         if (as_columns) {
           input_grad_in_order();
         } else {
-          for_channel_blocks(channels, [&](int64_t c0, int64_t n) { set_gradients(c0, c0 + n); });
+          set_all_gradients();
           input_grad_columns(dy_data, x_data, dx_data, columns, grad_mean.data(), dy_scale.data(), xmu_scale.data(),
                              shift.data(), training, streams(grad_input, columns.layout()));
         }
@@ -3185,17 +3209,15 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
         const int64_t width = output_mask[0] ? plane_block_width(layout, 3 * static_cast<int64_t>(x.nbytes())) : 1;
         // Blocks of channels keep eval's input gradient a pass of its own, in memory order.
         const bool eval_in_sweep = eval_with_sums && (split.split_tasks() || width == 1);
+        // Each channel's input-gradient coefficients; eval's need no sums and come before them.
         std::vector<InputGradient<opmath_t>> g(channels);
-        if (eval_in_sweep) {  // coefficients that need no sums, before them
+        const auto set_channel_gradient = [&](int64_t c) { g[c] = gradient(c, invstd_c[c], weight_c[c]); };
+        if (!training) {
           for (int64_t c = 0; c < channels; ++c) {
-            g[c] = gradient(c, invstd_c[c], weight_c[c]);
+            set_channel_gradient(c);
           }
         }
-        // Channel c's sums over images [n0, n1), and in eval its input gradient in the same sweep.
-        const auto grad_sums = [&](int64_t c, int64_t n0, int64_t n1) {
-          return planar_channel_grad_sums(dy_data, x_data, layout, c, mean_op[c], n0, n1,
-                                          eval_in_sweep ? dx_data : nullptr, g[c].dy_scale, stream);
-        };
+        scalar_t* const swept_dx = eval_in_sweep ? dx_data : nullptr;
         if (short_planes_in_order || split.split_tasks()) {
           // Sums per run of images (a channel's planes are one run unless split), added per channel
           // in order, then the input gradient: in memory order, or each run's.
@@ -3203,7 +3225,9 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
             std::vector<std::pair<acc_t, acc_t>> parts(split.num_tasks());
             parallel_for_output(0, split.num_tasks(), 1, eval_in_sweep && stream, [&](int64_t begin, int64_t end) {
               for (int64_t task = begin; task < end; ++task) {
-                parts[task] = grad_sums(split.channel(task), split.image_begin(task), split.image_end(task));
+                const int64_t c = split.channel(task);
+                parts[task] = planar_channel_grad_sums(dy_data, x_data, layout, c, mean_op[c], split.image_begin(task),
+                                                       split.image_end(task), swept_dx, g[c].dy_scale, stream);
               }
             });
             for (int64_t task = 0; task < split.num_tasks(); ++task) {
@@ -3218,8 +3242,10 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
             input_grad_in_order();
             return;
           }
-          for (int64_t c = 0; c < channels; ++c) {
-            g[c] = gradient(c, invstd_c[c], weight_c[c]);
+          if (training) {
+            for (int64_t c = 0; c < channels; ++c) {
+              set_channel_gradient(c);
+            }
           }
           split.for_tasks_last_first(stream, [&](int64_t task) {
             const int64_t c = split.channel(task);
@@ -3232,15 +3258,12 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
             layout, width, stream,
             [&](int64_t c) {
               if (need_sums) {
-                std::pair<double, double> sums{0, 0};
-                for (int64_t task = c * split.chunks; task < (c + 1) * split.chunks; ++task) {
-                  const auto [task_dy, task_dy_xmu] = grad_sums(c, split.image_begin(task), split.image_end(task));
-                  sums.first += task_dy;
-                  sums.second += task_dy_xmu;
-                }
-                std::tie(sum_dy[c], sum_dy_xmu[c]) = sums;
+                std::tie(sum_dy[c], sum_dy_xmu[c]) = split_channel_grad_sums<double>(
+                    dy_data, x_data, layout, split, c, mean_op[c], swept_dx, g[c].dy_scale, stream);
               }
-              g[c] = gradient(c, invstd_c[c], weight_c[c]);
+              if (training) {
+                set_channel_gradient(c);
+              }
             },
             [&](int64_t c, int64_t n0, int64_t n1) {
               if (output_mask[0] && !eval_in_sweep) {
@@ -3269,7 +3292,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
       // rows still in cache ((2, 65536) backward 284 -> 244 us, (64, 8192) 198 -> 157 us).
       const bool fused = training && output_mask[0] && need_sums && RowPartition(layout).num_parts == 1;
       if (eval_with_sums) {
-        for_channel_blocks(channels, [&](int64_t c0, int64_t n) { set_gradients(c0, c0 + n); });
+        set_all_gradients();
       }
       if (need_sums) {
         rows_grad_sums<opmath_t, acc_t>(
